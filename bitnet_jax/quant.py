@@ -1,0 +1,167 @@
+"""The paper's quantizers (BitNet v2, Eq. 1, 2, 5, 6) with straight-through gradients.
+
+Fake-quantizers (return the dequantized value, identity gradient via
+`jax.custom_vjp`):
+  quantize_weights_ternary(w)    Eq. 1-2: per-tensor absmean, alpha * {-1, 0, 1}
+  quantize_activations_int8(x)   Eq. 5: per-token (last axis) absmax, [-128, 127]
+  quantize_activations_int4(x)   Eq. 6: per-token absmean, scale sqrt(7)/beta, [-8, 7]
+  sparsify_topk(x, ratio)        BitNet a4.8: keep the top-K |x| of each token
+
+Integer forms return (int8 codes, float32 scale) whose product is exactly the
+fake-quantized value (in float32):
+  ternary_codes(w), int8_codes(x), int4_codes(x)
+
+All arithmetic is float32 whatever the input dtype; the fake-quantized value is
+cast back to the input dtype. EPS is the paper's epsilon: an all-zero token (or
+tensor) quantizes to zeros, never NaN.
+"""
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+
+EPS = 1e-5
+SQRT7 = math.sqrt(7.0)
+
+
+def _round_clip(x: jax.Array, lo: float, hi: float) -> jax.Array:
+  """Eq. 2: RoundClip(X, a, b) = min(max(round(X), a), b), ties to even."""
+  return jnp.clip(jnp.round(x), lo, hi)
+
+
+# ---------------------------------------------------------------------------
+# Integer forms.
+
+
+def ternary_codes(w: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Eq. 1: codes in {-1, 0, 1} (int8) and the per-tensor scale alpha."""
+  w32 = w.astype(jnp.float32)
+  alpha = jnp.mean(jnp.abs(w32))
+  codes = _round_clip(w32 / (alpha + EPS), -1, 1)
+  return codes.astype(jnp.int8), alpha
+
+
+def int8_codes(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Eq. 5: codes in [-128, 127] and per-token scales gamma / 127 ([..., 1])."""
+  x32 = x.astype(jnp.float32)
+  gamma = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+  codes = _round_clip(x32 * (127.0 / (gamma + EPS)), -128, 127)
+  return codes.astype(jnp.int8), gamma / 127.0
+
+
+def int4_codes(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Eq. 6: codes in [-8, 7] (held in int8) and per-token scales beta / sqrt(7)."""
+  x32 = x.astype(jnp.float32)
+  beta = jnp.mean(jnp.abs(x32), axis=-1, keepdims=True)
+  codes = _round_clip(x32 * (SQRT7 / (beta + EPS)), -8, 7)
+  return codes.astype(jnp.int8), beta / SQRT7
+
+
+# ---------------------------------------------------------------------------
+# Straight-through fake quantizers.
+
+
+def _straight_through(quantize):
+  """Wrap x -> quantize(x) with an identity gradient (the STE of Sec. 2.2)."""
+
+  @jax.custom_vjp
+  def fake_quant(x):
+    codes, scale = quantize(x)
+    return (codes.astype(jnp.float32) * scale).astype(x.dtype)
+
+  def fwd(x):
+    return fake_quant(x), None
+
+  def bwd(_, g):
+    return (g,)
+
+  fake_quant.defvjp(fwd, bwd)
+  fake_quant.__doc__ = quantize.__doc__
+  return fake_quant
+
+
+quantize_weights_ternary = _straight_through(ternary_codes)
+quantize_weights_ternary.__name__ = "quantize_weights_ternary"
+quantize_activations_int8 = _straight_through(int8_codes)
+quantize_activations_int8.__name__ = "quantize_activations_int8"
+quantize_activations_int4 = _straight_through(int4_codes)
+quantize_activations_int4.__name__ = "quantize_activations_int4"
+
+
+def topk_count(width: int, ratio: float) -> int:
+  """Number of entries sparsify_topk keeps in a token of `width` entries."""
+  if not 0.0 < ratio <= 1.0:
+    raise ValueError(f"top-K ratio must be in (0, 1], got {ratio}")
+  return max(1, math.ceil(ratio * width))
+
+
+def _topk_mask(x: jax.Array, k: int) -> jax.Array:
+  """|x| >= (k-th largest |x|) per token, by bisection on the float bits.
+
+  Non-negative float32 values order like their uint32 bit patterns, so 32
+  halvings of [0, inf] find the exact k-th largest magnitude with one
+  compare-and-count pass each: 9-20x faster than lax.top_k on CPU (bench).
+  """
+  bits = jax.lax.bitcast_convert_type(jnp.abs(x.astype(jnp.float32)),
+                                      jnp.uint32)
+  lo = jnp.zeros(x.shape[:-1] + (1,), jnp.uint32)          # count >= k
+  hi = jnp.full(x.shape[:-1] + (1,), 0x7F800001, jnp.uint32)  # count < k
+
+  def halve(_, bounds):
+    lo, hi = bounds
+    mid = lo + (hi - lo) // 2
+    enough = jnp.sum(bits >= mid, axis=-1, keepdims=True) >= k
+    return jnp.where(enough, mid, lo), jnp.where(enough, hi, mid)
+
+  lo, _ = jax.lax.fori_loop(0, 32, halve, (lo, hi))
+  return bits >= lo
+
+
+@jax.custom_vjp
+def _sparsify(x, mask):
+  return jnp.where(mask, x, jnp.zeros_like(x))
+
+
+def _sparsify_fwd(x, mask):
+  return _sparsify(x, mask), None
+
+
+def _sparsify_bwd(_, g):
+  # Straight-through: the gradient reaches every entry (as in Q-Sparse).
+  return g, None
+
+
+_sparsify.defvjp(_sparsify_fwd, _sparsify_bwd)
+
+
+def sparsify_topk(x: jax.Array, ratio: float) -> jax.Array:
+  """Keep the ceil(ratio * d) largest-magnitude entries of each token.
+
+  Ties at the threshold are all kept. The gradient is the identity.
+  """
+  k = topk_count(x.shape[-1], ratio)
+  if k == x.shape[-1]:
+    return x
+  return _sparsify(x, jax.lax.stop_gradient(_topk_mask(x, k)))
+
+
+def quantize_activations(x: jax.Array, bits: int | None) -> jax.Array:
+  """Dispatch on activation bits: 8 (Eq. 5), 4 (Eq. 6) or None (identity)."""
+  if bits is None:
+    return x
+  if bits == 8:
+    return quantize_activations_int8(x)
+  if bits == 4:
+    return quantize_activations_int4(x)
+  raise ValueError(f"activation bits must be 8, 4 or None, got {bits!r}")
+
+
+def activation_codes(x: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
+  """Integer form for `bits` in {8, 4}."""
+  if bits == 8:
+    return int8_codes(x)
+  if bits == 4:
+    return int4_codes(x)
+  raise ValueError(f"integer activation bits must be 8 or 4, got {bits!r}")
