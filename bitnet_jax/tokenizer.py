@@ -1,0 +1,150 @@
+"""SentencePiece tokenizers: load a .model file, or train one into the workdir.
+
+`Tokenizer` is a picklable wrapper (grain workers run in other processes): it
+pickles the serialized model and loads the processor lazily on first use.
+BOS / EOS / PAD ids come from the model, never from constants.
+
+Trained tokenizers (`train_tokenizer`) are byte-level-safe BPE models that
+round-trip text exactly: identity normalisation, whitespace kept (runs of
+spaces are pieces), newline as its own piece, byte fallback for anything the
+vocabulary lacks. `get_tokenizer` caches the trained model as
+`<workdir>/tokenizer.model` so a restart reuses it.
+"""
+from __future__ import annotations
+
+import io
+import logging
+import os
+from typing import Callable, Iterable, Sequence
+
+from etils import epath
+import sentencepiece as spm
+
+CACHE_NAME = "tokenizer.model"
+
+
+class Tokenizer:
+  """A sentencepiece model; cheap to pickle (ships the model bytes)."""
+
+  def __init__(self, model_proto: bytes, source: str = "<bytes>"):
+    self._proto = bytes(model_proto)
+    self.source = source
+    self._sp = None
+    self.sp  # validate now, not in a worker process later
+
+  @classmethod
+  def load(cls, path: str | os.PathLike) -> "Tokenizer":
+    p = epath.Path(path)
+    if not p.exists():
+      raise FileNotFoundError(f"tokenizer model not found: {p}")
+    return cls(p.read_bytes(), source=str(p))
+
+  @property
+  def sp(self) -> spm.SentencePieceProcessor:
+    if self._sp is None:
+      sp = spm.SentencePieceProcessor()
+      try:
+        sp.LoadFromSerializedProto(self._proto)
+      except Exception as e:  # sentencepiece raises RuntimeError / OSError
+        raise ValueError(f"{self.source} is not a sentencepiece model: {e}") from e
+      self._sp = sp
+    return self._sp
+
+  def __getstate__(self):
+    return {"proto": self._proto, "source": self.source}
+
+  def __setstate__(self, state):
+    self._proto, self.source, self._sp = state["proto"], state["source"], None
+
+  @property
+  def vocab_size(self) -> int:
+    return self.sp.vocab_size()
+
+  @property
+  def bos_id(self) -> int:
+    return self.sp.bos_id()
+
+  @property
+  def eos_id(self) -> int:
+    return self.sp.eos_id()
+
+  @property
+  def pad_id(self) -> int:
+    return self.sp.pad_id()
+
+  def encode(self, text: str) -> list[int]:
+    return self.sp.encode(text)
+
+  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
+    return self.sp.encode(list(texts))
+
+  def decode(self, ids: Sequence[int]) -> str:
+    return self.sp.decode([int(i) for i in ids])
+
+  def save(self, path: str | os.PathLike) -> None:
+    """Write the model atomically (a reader never sees a partial file)."""
+    p = epath.Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.parent / (p.name + ".tmp")
+    tmp.write_bytes(self._proto)
+    tmp.rename(p)
+
+
+def train_tokenizer(docs: Iterable[str], vocab_size: int,
+                    num_threads: int = 2) -> Tokenizer:
+  """Train an exact-round-trip BPE model (ids: pad 0, unk 1, bos 2, eos 3)."""
+  buf = io.BytesIO()
+  try:
+    spm.SentencePieceTrainer.train(
+        sentence_iterator=iter(docs), model_writer=buf, vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
+        remove_extra_whitespaces=False, add_dummy_prefix=False,
+        split_digits=True, allow_whitespace_only_pieces=True,
+        user_defined_symbols=["\n"], max_sentence_length=1 << 20,
+        pad_id=0, unk_id=1, bos_id=2, eos_id=3, num_threads=num_threads,
+        hard_vocab_limit=True, minloglevel=2)
+  except RuntimeError as e:
+    raise ValueError(f"training a {vocab_size}-piece tokenizer failed (too "
+                     f"little text for that vocabulary?): {e}") from e
+  return Tokenizer(buf.getvalue(), source="<trained>")
+
+
+def get_tokenizer(path: str, workdir: str | None, vocab_size: int,
+                  sample_docs: Callable[[], Iterable[str]],
+                  is_leader: bool = True,
+                  barrier: Callable[[str], None] = lambda name: None
+                  ) -> Tokenizer:
+  """The tokenizer a run uses.
+
+  Args:
+    path: a .model file; "" trains one (cached in the workdir).
+    workdir: where the trained model is cached.
+    vocab_size: the model's vocabulary; a tokenizer must not exceed it, and a
+      trained one gets exactly this many pieces.
+    sample_docs: documents to train on (called only when training).
+    is_leader / barrier: in multi-process runs only the leader trains; the
+      others wait at the barrier, then read the cached file.
+  """
+  if path:
+    tok = Tokenizer.load(path)
+  else:
+    if not workdir:
+      raise ValueError("no tokenizer path and no workdir to cache one in")
+    cache = epath.Path(workdir) / CACHE_NAME
+    if is_leader and not cache.exists():
+      logging.info("training a %d-piece tokenizer into %s", vocab_size, cache)
+      train_tokenizer(sample_docs(), vocab_size).save(cache)
+    barrier("bitnet_jax_tokenizer")
+    tok = Tokenizer.load(cache)
+    if tok.vocab_size != vocab_size:
+      raise ValueError(
+          f"{cache} was trained with {tok.vocab_size} pieces but "
+          f"model.vocab_size is {vocab_size}: use a new workdir or delete it")
+    logging.info("tokenizer: %s (%d pieces)", cache, tok.vocab_size)
+  if tok.vocab_size > vocab_size:
+    raise ValueError(
+        f"tokenizer {tok.source} has {tok.vocab_size} pieces but "
+        f"model.vocab_size is {vocab_size}; raise --config.model.vocab_size")
+  if tok.bos_id < 0 or tok.eos_id < 0:
+    raise ValueError(f"tokenizer {tok.source} defines no BOS/EOS pieces")
+  return tok
