@@ -11,6 +11,8 @@ Training pipeline (grain Dataset API):
        first_fit  split documents longer than a row, then first-fit pack with
                   segment ids (0 = padding) and positions that restart at
                   each document
+  -> window shuffle of packed rows (data.shuffle_rows; without it a batch
+     holds consecutive chunks of one or two long documents)
   -> batch (global batch / process count rows) -> prefetch (a thread, or
      worker processes when data.worker_count > 0).
 Batches are dicts of numpy int32 arrays [batch, seq_len + 1]: `tokens`, plus
@@ -70,6 +72,41 @@ def _rename_rows(element):
 
 def _tokens_only(element):
   return {"tokens": element["tokens"]}
+
+
+def _slices_as_tuples(state):
+  """JSON turns tuples into lists; grain's concat-then-split compares its
+  'no remainder' slice (-1, -1) as a tuple, so a JSON-restored state would
+  invent a remainder and shift the stream. Restore the tuples."""
+  if isinstance(state, dict):
+    return {k: ({kk: tuple(vv) for kk, vv in v.items()}
+                if k == "remainder_slices" and isinstance(v, dict)
+                else _slices_as_tuples(v)) for k, v in state.items()}
+  if isinstance(state, list):
+    return [_slices_as_tuples(v) for v in state]
+  return state
+
+
+class _JsonSafeIterator(grain.DatasetIterator):
+  def __next__(self):
+    return next(self._parent)
+
+  def get_state(self):
+    return self._parent.get_state()
+
+  def set_state(self, state):
+    self._parent.set_state(_slices_as_tuples(state))
+
+  def start_prefetch(self):
+    if hasattr(self._parent, "start_prefetch"):
+      self._parent.start_prefetch()
+
+
+class JsonSafeStates(grain.IterDataset):
+  """Outermost stage: iterator states survive a JSON round trip (checkpoints)."""
+
+  def __iter__(self):
+    return _JsonSafeIterator(self._parent.__iter__())
 
 
 def per_process_batch(batch_size: int, process_count: int) -> int:
@@ -135,6 +172,9 @@ def train_dataset(docs: Sequence[str], tokenizer: Tokenizer, data, *,
                    num_bins=batch)
   if data.packing == "concat":  # an infinite stream: never padded
     it = it.map(_tokens_only)
+  if data.shuffle_rows > 1:
+    it = grain_exp.WindowShuffleIterDataset(it, window_size=data.shuffle_rows,
+                                            seed=seed + 1)
   it = it.batch(batch, drop_remainder=True)
   if data.worker_count > 0:
     if not flags.FLAGS.is_parsed():  # grain reads absl flags in its workers
@@ -143,7 +183,7 @@ def train_dataset(docs: Sequence[str], tokenizer: Tokenizer, data, *,
         num_workers=data.worker_count, per_worker_buffer_size=max(1, data.prefetch)))
   elif data.prefetch > 0:
     it = grain_exp.ThreadPrefetchIterDataset(it, prefetch_buffer_size=data.prefetch)
-  return it
+  return JsonSafeStates(it)
 
 
 def eval_batches(docs: Sequence[str], tokenizer: Tokenizer, data, *,

@@ -90,7 +90,7 @@ def base_config() -> ml_collections.ConfigDict:
   d.tokenizer_train_docs = 20000   # documents sampled to train the tokenizer
   d.batch_size = 16                # global batch, sequences of seq_len + 1
   d.packing = "concat"             # concat (chunk the stream) | first_fit (segments)
-  d.shuffle_buffer_docs = 0        # unused by index shuffles; kept for TFDS streams
+  d.shuffle_rows = 1024            # packed rows shuffled in windows of this size; 0 = off
   d.worker_count = 0               # grain multiprocess workers; 0 = in-process
   d.prefetch = 2                   # batches prefetched per process
   d.max_docs = 0                   # cap the corpus (0 = all); handy for smoke runs
@@ -99,9 +99,12 @@ def base_config() -> ml_collections.ConfigDict:
   mesh.data = -1                   # data-parallel axis size; -1 = fill
   mesh.fsdp = 1                    # parameter-sharding (ZeRO-3) axis size
   mesh.tensor = 1                  # tensor-parallel axis size
-  # logical axis -> mesh axes (see bitnet_jax/sharding.py)
+  # logical axis -> mesh axes (see bitnet_jax/sharding.py); unlisted names
+  # (layers, head_dim, activation_embed, activation_length) are replicated
   mesh.rules = (
-      ("batch", ("data", "fsdp")),
+      ("activation_batch", ("data", "fsdp")),
+      ("activation_mlp", "tensor"),
+      ("activation_vocab", "tensor"),
       ("embed", "fsdp"),
       ("mlp", "tensor"),
       ("heads", "tensor"),
@@ -112,6 +115,7 @@ def base_config() -> ml_collections.ConfigDict:
   t = c.train = ml_collections.ConfigDict()
   t.num_steps = 1000               # schedule length (total optimizer steps)
   t.stop_step = -1                 # stop early at this step (-1 = num_steps)
+  t.microbatches = 1               # gradient accumulation: microbatches per update
   t.log_every = 10                 # steps between metric lines
   t.eval_every = 0                 # steps between validation losses; 0 = end only
   t.eval_batches = 4               # batches per validation loss

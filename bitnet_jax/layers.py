@@ -147,6 +147,7 @@ class BitLinear(nn.Module):
     if cfg.topk_ratio is not None:
       x = quantizers.sparsify_topk(x, cfg.topk_ratio)
     x = quantizers.quantize_activations(x, cfg.act_bits)
+    self.sow("intermediates", "quantized_input", x)
     if self.rotation == "weight_and_activation":
       w = rotate_input_axis(w, cfg.hadamard_block_size)
     if cfg.ternary_weights:

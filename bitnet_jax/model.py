@@ -35,6 +35,11 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# Logical axes of activations (their own names: a parameter's `embed` may be
+# sharded over fsdp while the batch of an activation already is).
+ACT_EMBED = ("activation_batch", "activation_length", "activation_embed")
+ACT_MLP = ("activation_batch", "activation_length", "activation_mlp")
+ACT_VOCAB = ("activation_batch", "activation_length", "activation_vocab")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -205,7 +210,7 @@ class FeedForward(nn.Module):
       act = jnp.square(jax.nn.relu(gate_BLF))  # squared-ReLU GLU
     else:
       act = jax.nn.silu(gate_BLF)              # SwiGLU
-    h_BLF = nn.with_logical_constraint(act * up_BLF, ("batch", "length", "mlp"))
+    h_BLF = nn.with_logical_constraint(act * up_BLF, ACT_MLP)
     return make_linear(cfg, "down", cfg.d_model, ("mlp", "embed"), "down")(h_BLF)
 
 
@@ -220,7 +225,7 @@ class Block(nn.Module):
     x_BLD = x_BLD + Attention(cfg, name="attn")(h, positions_BL, segment_ids_BL)
     h = RMSNorm(cfg.norm_eps, name="ffn_norm")(x_BLD) if pre_norm else x_BLD
     x_BLD = x_BLD + FeedForward(cfg, name="ffn")(h)
-    x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
+    x_BLD = nn.with_logical_constraint(x_BLD, ACT_EMBED)
     return x_BLD, None
 
 
@@ -240,7 +245,7 @@ class Transformer(nn.Module):
             nn.initializers.normal(stddev=cfg.init_std), ("vocab", "embed")),
         name="embed")
     x_BLD = embed(tokens_BL).astype(cfg.compute_dtype)
-    x_BLD = nn.with_logical_constraint(x_BLD, ("batch", "length", "embed"))
+    x_BLD = nn.with_logical_constraint(x_BLD, ACT_EMBED)
 
     block = Block
     if cfg.remat != "none":
@@ -266,8 +271,7 @@ class Transformer(nn.Module):
                       dtype=cfg.compute_dtype, name="head",
                       kernel_init=nn.initializers.normal(stddev=cfg.init_std)
                       )(x_BLD)
-    return nn.with_logical_constraint(logits.astype(jnp.float32),
-                                      ("batch", "length", "vocab"))
+    return nn.with_logical_constraint(logits.astype(jnp.float32), ACT_VOCAB)
 
 
 def param_shapes(cfg: ModelConfig, batch: int = 1, length: int | None = None):

@@ -114,14 +114,18 @@ def test_first_fit_segments_and_positions(documents, small_tokenizer):
   assert collections.Counter(tuple(p) for p in pieces) == expected
 
 
-@pytest.mark.parametrize("packing,prefetch", [("concat", 0), ("concat", 2),
-                                              ("first_fit", 2)])
-def test_restore_is_exact(documents, small_tokenizer, packing, prefetch):
-  cfg = data_cfg(packing=packing, prefetch=prefetch)
+@pytest.mark.parametrize("packing,prefetch,rows,k", [
+    ("concat", 0, 0, 9), ("concat", 2, 1024, 9), ("first_fit", 2, 1024, 9),
+    # A row-shuffle window that starts where the packer has no remainder: the
+    # JSON state then holds grain's (-1, -1) sentinel as a list.
+    ("concat", 0, 8, 3), ("concat", 2, 8, 5)])
+def test_restore_is_exact(documents, small_tokenizer, packing, prefetch, rows, k):
+  cfg = data_cfg(packing=packing, prefetch=prefetch, shuffle_rows=rows,
+                 batch_size=2)
   make = lambda: iter(data.train_dataset(documents, small_tokenizer, cfg,
                                          seq_len=SEQ, seed=7))
   it = make()
-  take(it, 9)
+  take(it, k)
   state = json.loads(json.dumps(it.get_state()))  # survives serialisation
   expected = take(it, 6)
   fresh = make()

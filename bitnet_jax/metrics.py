@@ -1,0 +1,155 @@
+"""Metric outputs: TensorBoard events, <workdir>/metrics.jsonl, log lines.
+
+Only process 0 writes. metrics.jsonl has one JSON object per logged step:
+{"step": ..., "loss": ..., "lr": ..., "wd": ..., "grad_norm": ...,
+"tokens_per_sec": ..., "step_time": ..., ...}; evaluation lines carry
+"eval_loss". `StepTimer` turns consumed steps into tokens/s, step time, MFU and
+an ETA, excluding the first (compiling) step.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from typing import Mapping
+
+import numpy as np
+
+
+class MetricWriter:
+  def __init__(self, workdir: str, enabled: bool = True):
+    self.enabled = enabled
+    self._tb = None
+    self._jsonl = None
+    if enabled:
+      import tensorboardX  # light, TensorFlow-free event writer
+      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+
+  def scalars(self, step: int, metrics: Mapping[str, float]) -> None:
+    if not self.enabled:
+      return
+    clean = {k: float(v) for k, v in metrics.items() if v is not None}
+    for k, v in clean.items():
+      self._tb.add_scalar(k, v, step)
+    self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
+    self._jsonl.flush()
+    self._tb.flush()
+
+  def histograms(self, step: int, arrays: Mapping[str, np.ndarray]) -> None:
+    if self.enabled:
+      for k, v in arrays.items():
+        self._tb.add_histogram(k, np.asarray(v, np.float32).ravel(), step)
+
+  def close(self) -> None:
+    if self.enabled:
+      self._tb.close()
+      self._jsonl.close()
+
+
+def format_duration(seconds: float) -> str:
+  seconds = int(max(seconds, 0))
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+class StepTimer:
+  """Throughput of the steps consumed since the last report."""
+
+  def __init__(self, tokens_per_step: int, flops_per_token: float,
+               peak_flops_total: float | None, stop_step: int):
+    self.tokens_per_step = tokens_per_step
+    self.flops_per_token = flops_per_token
+    self.peak = peak_flops_total
+    self.stop_step = stop_step
+    self._t0 = None
+    self._steps = 0
+    self._avg_step_time = None
+
+  def consumed(self, step: int) -> None:
+    """Called when step `step`'s results arrived; the first one starts the clock."""
+    if self._t0 is None:
+      self._t0 = time.perf_counter()
+      self._last_step = step
+      return
+    self._steps += 1
+
+  def report(self, step: int) -> dict[str, float | None]:
+    if self._t0 is None or self._steps == 0:
+      return {}
+    now = time.perf_counter()
+    step_time = (now - self._t0) / self._steps
+    self._avg_step_time = step_time
+    tps = self.tokens_per_step / step_time
+    out = {"step_time": step_time, "tokens_per_sec": tps,
+           "eta_sec": step_time * (self.stop_step - step - 1)}
+    if self.peak:
+      out["mfu"] = tps * self.flops_per_token / self.peak
+    self._t0, self._steps = now, 0
+    return out
+
+
+def progress_line(step: int, stop: int, m: Mapping[str, float]) -> str:
+  parts = [f"step {step}/{stop} ({100.0 * step / max(stop, 1):.0f}%)",
+           f"loss {m['loss']:.4f}", f"lr {m['lr']:.3g}", f"wd {m['wd']:.3g}",
+           f"gnorm {m['grad_norm']:.3g}"]
+  if "tokens_per_sec" in m:
+    parts.append(f"{m['tokens_per_sec']:,.0f} tok/s")
+    parts.append(f"{m['step_time']:.3f} s/step")
+  if "mfu" in m:
+    parts.append(f"MFU {100 * m['mfu']:.1f}%")
+  if "eta_sec" in m:
+    parts.append(f"ETA {format_duration(m['eta_sec'])}")
+  return " | ".join(parts)
+
+
+def check_finite(step: int, loss: float, last_checkpoint: int | None,
+                 ckpt_dir: str) -> None:
+  if not math.isfinite(loss):
+    where = (f"the last good checkpoint is step {last_checkpoint} in {ckpt_dir}"
+             if last_checkpoint is not None else "no checkpoint was written yet")
+    raise FloatingPointError(f"loss is {loss} at step {step}; stopping ({where}; "
+                             "lower opt.lr or raise opt.warmup_steps)")
+
+
+_NOISY = ("/orbax/", "/grain/", "/jax/_src/", "/tensorflow_datasets/", "/etils/")
+
+
+class _LibraryInfoFilter(logging.Filter):
+  """Drop INFO (and DEBUG) records of chatty libraries; keep their warnings."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return record.levelno >= logging.WARNING or not any(
+        part in record.pathname for part in _NOISY)
+
+
+_FILTER = _LibraryInfoFilter()
+
+
+def quiet_library_logs() -> None:
+  for handler in logging.getLogger().handlers + logging.getLogger("absl").handlers:
+    if _FILTER not in handler.filters:
+      handler.addFilter(_FILTER)
+  for logger in (logging.getLogger(), logging.getLogger("absl")):
+    if _FILTER not in logger.filters:
+      logger.addFilter(_FILTER)
+
+
+_FILE_HANDLER: list[logging.Handler] = []
+
+
+def log_to_file(workdir: str) -> None:
+  """Also write the log to <workdir>/train.log (replacing an earlier run's)."""
+  root = logging.getLogger()
+  while _FILE_HANDLER:
+    old = _FILE_HANDLER.pop()
+    root.removeHandler(old)
+    old.close()
+  handler = logging.FileHandler(os.path.join(workdir, "train.log"))
+  handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
+  handler.addFilter(_FILTER)
+  root.addHandler(handler)
+  _FILE_HANDLER.append(handler)

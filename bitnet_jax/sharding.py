@@ -1,0 +1,123 @@
+"""Device mesh, logical-axis rules, shardings of the state and the batch.
+
+The mesh has axes (data, fsdp, tensor); config.mesh gives their sizes, -1
+fills with the remaining devices. Parameters carry logical axis names
+(`embed`, `mlp`, `heads`, `kv_heads`, `vocab`, `layers`, ...) and
+config.mesh.rules maps them to mesh axes; names without a rule are replicated.
+The batch is split over (data, fsdp). Multi-host runs call
+`initialize_distributed` first; each process then feeds its own rows and
+`global_batch` assembles them with `jax.make_array_from_process_local_data`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+from jax.experimental import mesh_utils
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+MESH_AXES = ("data", "fsdp", "tensor")
+BATCH_AXES = ("data", "fsdp")
+
+
+def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+  fills = [i for i, s in enumerate(sizes) if s == -1]
+  if len(fills) > 1 or any(s == 0 or s < -1 for s in sizes):
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: sizes must be "
+                     "positive, with at most one -1 (fill)")
+  fixed = math.prod(s for s in sizes if s != -1)
+  if fills:
+    if num_devices % fixed:
+      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide the "
+                       f"{num_devices} devices")
+    sizes[fills[0]] = num_devices // fixed
+  if math.prod(sizes) != num_devices:
+    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs "
+                     f"{math.prod(sizes)} devices, but there are {num_devices}")
+  return tuple(sizes)
+
+
+def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  devices = list(devices if devices is not None else jax.devices())
+  shape = mesh_shape(mesh_cfg, len(devices))
+  try:  # topology-aware device order where the backend knows one
+    arr = mesh_utils.create_device_mesh(shape, devices)
+  except Exception:  # e.g. CPU or an irregular device count
+    arr = np.asarray(devices).reshape(shape)
+  return Mesh(arr, MESH_AXES)
+
+
+def logical_rules(mesh_cfg) -> tuple[tuple[str, Any], ...]:
+  rules = []
+  for logical, axes in mesh_cfg.rules:
+    axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
+    for a in (axes if isinstance(axes, tuple) else (axes,)):
+      if a is not None and a not in MESH_AXES:
+        raise ValueError(f"mesh.rules: {logical!r} -> unknown mesh axis {a!r}")
+    rules.append((logical, axes))
+  return tuple(rules)
+
+
+def state_shardings(abstract_boxed_state, mesh: Mesh, rules) -> Any:
+  """NamedShardings for a state whose params carry logical-axis boxes."""
+  specs = nn.get_partition_spec(abstract_boxed_state)
+  return nn.logical_to_mesh_sharding(specs, mesh, rules)
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P(BATCH_AXES))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+  return NamedSharding(mesh, P())
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+  """Assemble the global batch from this process's rows (no host gather)."""
+  sharding = batch_sharding(mesh)
+  out = {}
+  for key, value in local.items():
+    global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
+    out[key] = jax.make_array_from_process_local_data(sharding, value,
+                                                      global_shape)
+  return out
+
+
+def check_batch_divides(batch_size: int, mesh: Mesh, microbatches: int = 1) -> None:
+  shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
+  if microbatches < 1:
+    raise ValueError(f"train.microbatches must be >= 1, got {microbatches}")
+  if batch_size % (shards * microbatches):
+    raise ValueError(f"data.batch_size {batch_size} is not divisible by the "
+                     f"{shards} batch shards of mesh {dict(mesh.shape)} times "
+                     f"train.microbatches {microbatches}")
+
+
+def initialize_distributed(mode: str, coordinator: str = "",
+                           num_processes: int = 0, process_id: int = -1) -> bool:
+  """Join a multi-process run: 'auto' (TPU pod / SLURM / flags), 'on', 'off'."""
+  if mode == "off":
+    return False
+  explicit = bool(coordinator)
+  env_multi = (int(os.environ.get("SLURM_NTASKS", "1")) > 1
+               or "," in os.environ.get("TPU_WORKER_HOSTNAMES", "")
+               or bool(os.environ.get("JAX_COORDINATOR_ADDRESS")))
+  if mode == "auto" and not (explicit or env_multi):
+    return False
+  # Cross-process collectives on CPU need gloo; harmless on accelerators. (No
+  # jax.default_backend() here: the backend must not start before initialize.)
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  kwargs = {}
+  if explicit:
+    kwargs = dict(coordinator_address=coordinator, num_processes=num_processes,
+                  process_id=process_id)
+  jax.distributed.initialize(**kwargs)
+  logging.info("jax.distributed: process %d of %d", jax.process_index(),
+               jax.process_count())
+  return True

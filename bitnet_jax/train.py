@@ -1,0 +1,89 @@
+"""`python -m bitnet_jax.train --config=configs/tiny.py --workdir=/tmp/run`.
+
+Flags:
+  --config=FILE           a configs/*.py file; override fields with
+                          --config.opt.lr=1e-3 (unknown keys are an error)
+  --workdir=DIR           checkpoints, tokenizer, metrics.jsonl, TensorBoard
+                          events, config.json, train.log, summary.json; a run
+                          resumes the latest checkpoint in it automatically
+  --dry_run               compile the train step from abstract shapes (nothing
+                          allocated) and print per-device memory, then exit
+  --distributed=auto|on|off   join a multi-process run (auto: TPU pod, SLURM
+                          or --coordinator_address); see launch/
+  --coordinator_address, --num_processes, --process_id   explicit multi-process
+SIGTERM / Ctrl-C save a checkpoint at the next step boundary, then exit.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+FLAGS = flags.FLAGS
+config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
+                                lock_config=True)
+flags.DEFINE_string("workdir", None, "Run directory (created if missing).")
+flags.DEFINE_bool("dry_run", False, "Compile from abstract shapes, print memory.")
+flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
+                  "Call jax.distributed.initialize().")
+flags.DEFINE_string("coordinator_address", "", "host:port of process 0.")
+flags.DEFINE_integer("num_processes", 0, "Processes in the run (explicit mode).")
+flags.DEFINE_integer("process_id", -1, "This process's index (explicit mode).")
+
+
+def parse_flags(argv):
+  """absl parsing, but a bad --config.* override is one line, not a traceback."""
+  try:
+    return FLAGS(argv)
+  except flags.Error as e:
+    print(f"error: {e}", file=sys.stderr)
+  except (OSError, SyntaxError) as e:  # the config file itself
+    detail = [l.strip() for l in str(e).splitlines() if l.strip()][-1]
+    path = next((a.split("=", 1)[1] for a in reversed(argv[1:])
+                 if a.startswith("--config=")), "?")
+    print(f"error: cannot load --config={path}: {detail}", file=sys.stderr)
+  except (KeyError, AttributeError, ValueError, TypeError) as e:
+    key = str(e).strip("'\"")
+    culprit = next((a for a in argv[1:] if a.startswith("--config.") and key in a),
+                   "a --config.* override")
+    print(f"error: {culprit}: no such config field or a bad value ({key}); "
+          "the fields are listed in bitnet_jax/defaults.py", file=sys.stderr)
+  sys.exit(1)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"unexpected arguments: {argv[1:]}")
+  try:
+    config = FLAGS.config
+    if config is None:
+      raise app.UsageError("--config is required")
+    config.keys()  # ml_collections defers a failed load to the first access
+  except (OSError, SyntaxError, AttributeError) as e:
+    detail = [l.strip() for l in str(e).splitlines() if l.strip()][-1]
+    print(f"error: cannot load --config="
+          f"{config_flags.get_config_filename(FLAGS['config'])}: {detail}",
+          file=sys.stderr)
+    sys.exit(1)
+  if not FLAGS.workdir and not FLAGS.dry_run:
+    raise app.UsageError("--workdir is required (except with --dry_run)")
+  from bitnet_jax import sharding
+  sharding.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address,
+                                  FLAGS.num_processes, FLAGS.process_id)
+  from bitnet_jax import trainer  # imports jax-heavy modules after init
+  try:
+    if FLAGS.dry_run:
+      trainer.dry_run(config)
+      return
+    summary = trainer.train(config, FLAGS.workdir, trainer.Preemption())
+    logging.info("done: %s", json.dumps(summary))
+  except trainer.USER_ERRORS as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+
+
+if __name__ == "__main__":
+  app.run(main, flags_parser=parse_flags)

@@ -1,0 +1,155 @@
+"""Train state, next-token loss, and the train / eval step functions.
+
+The steps are pure functions of (state, batch); train.py jits them with
+explicit in/out shardings and donates the state. A batch is a dict of int32
+[B, L + 1] arrays: `tokens`, optionally `segment_ids` and `positions` (first-fit
+packing). Position t predicts token t + 1; with segments, a target counts only
+when it belongs to the same document as its input and is not padding.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Callable
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import optax
+
+from bitnet_jax import optimizer as optimizer_lib
+from bitnet_jax.model import ModelConfig, Transformer, count_params
+
+
+@flax.struct.dataclass
+class TrainState:
+  step: jax.Array     # int32 scalar: optimizer updates done so far
+  params: Any         # float32 latent weights
+  opt_state: Any      # optax state (moments, schedule counters, hyperparams)
+
+
+def init_state(model: Transformer, tx: optax.GradientTransformation,
+               rng: jax.Array) -> TrainState:
+  """Boxed state: params (and the moments built from them) keep their
+  logical-axis metadata, which `sharding.state_shardings` reads."""
+  tokens = jnp.zeros((1, min(model.cfg.max_len, 8)), jnp.int32)
+  params = model.init(rng, tokens)["params"]
+  return TrainState(step=jnp.zeros((), jnp.int32), params=params,
+                    opt_state=tx.init(params))
+
+
+def abstract_state(model: Transformer, tx: optax.GradientTransformation):
+  """Shapes, dtypes and logical boxes of the state; nothing allocated."""
+  return jax.eval_shape(functools.partial(init_state, model, tx),
+                        jax.random.PRNGKey(0))
+
+
+def unboxed_init(model, tx) -> Callable[[jax.Array], TrainState]:
+  return lambda rng: nn.meta.unbox(init_state(model, tx, rng))
+
+
+def split_batch(batch: dict[str, jax.Array]):
+  """(inputs, targets, positions, segment_ids, weights) of a [B, L + 1] batch."""
+  tokens = batch["tokens"]
+  inputs, targets = tokens[:, :-1], tokens[:, 1:]
+  if "segment_ids" in batch:
+    seg = batch["segment_ids"]
+    seg_in, positions = seg[:, :-1], batch["positions"][:, :-1]
+    weights = ((seg[:, 1:] == seg_in) & (seg[:, 1:] > 0)).astype(jnp.float32)
+  else:
+    seg_in = positions = None
+    weights = jnp.ones(targets.shape, jnp.float32)
+  return inputs, targets, positions, seg_in, weights
+
+
+def token_nll(logits, targets):
+  """-log p(target) per position, float32, without materialising log_softmax."""
+  logits = logits.astype(jnp.float32)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return jax.nn.logsumexp(logits, axis=-1) - target_logit
+
+
+def loss_fn(params, batch, model: Transformer, normalizer=None):
+  """Mean next-token NLL (total / normalizer; default: this batch's count)."""
+  inputs, targets, positions, seg, weights = split_batch(batch)
+  logits = model.apply({"params": params}, inputs, positions, seg)
+  nll = token_nll(logits, targets)
+  total = jnp.sum(nll * weights)
+  count = jnp.sum(weights)
+  if normalizer is None:
+    normalizer = jnp.maximum(count, 1.0)
+  return total / normalizer, (total, count)
+
+
+def microbatch_split(batch, k: int):
+  """[B, ...] -> [k, B / k, ...]; microbatch j holds rows j, j + k, ... so each
+  device keeps its share of every microbatch (no resharding)."""
+  return jax.tree.map(
+      lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1),
+      batch)
+
+
+def make_train_step(model: Transformer, tx: optax.GradientTransformation,
+                    microbatches: int = 1):
+  """One optimizer update; the gradient is accumulated over `microbatches`."""
+  grad_fn = jax.value_and_grad(loss_fn, has_aux=True)
+
+  def gradients(params, batch):
+    if microbatches == 1:
+      (loss, (_, count)), grads = grad_fn(params, batch, model)
+      return loss, count, grads
+    count = jnp.maximum(jnp.sum(split_batch(batch)[-1]), 1.0)
+
+    def accumulate(acc, micro):
+      (_, (total, _)), g = grad_fn(params, micro, model, count)
+      return (jax.tree.map(jnp.add, acc[0], g), acc[1] + total), None
+
+    zeros = jax.tree.map(jnp.zeros_like, params)
+    (grads, total), _ = jax.lax.scan(accumulate, (zeros, 0.0),
+                                     microbatch_split(batch, microbatches))
+    return total / count, count, grads
+
+  def train_step(state: TrainState, batch):
+    loss, count, grads = gradients(state.params, batch)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    hyper = optimizer_lib.current_hyperparams(opt_state)
+    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
+               "lr": hyper["lr"], "wd": hyper["wd"], "tokens": count}
+    return state.replace(step=state.step + 1, params=params,
+                         opt_state=opt_state), metrics
+  return train_step
+
+
+def make_eval_step(model: Transformer):
+  def eval_step(params, batch):
+    _, (total, count) = loss_fn(params, batch, model)
+    return total, count
+  return eval_step
+
+
+def flops_per_token(cfg: ModelConfig, params) -> float:
+  """Model FLOPs per trained token: 6 N (matmuls, forward + backward) plus
+  attention 12 L d T (PaLM appendix B); the Hadamard and quantizers are O(d)
+  per token and not counted."""
+  matmul_params = count_params(params, non_embedding=True)
+  matmul_params += cfg.d_model * cfg.vocab_size  # the output head
+  return 6.0 * matmul_params + 12.0 * cfg.num_layers * cfg.d_model * cfg.max_len
+
+
+# Dense bf16 peak FLOP/s per device, by device_kind substring (lower case).
+PEAK_FLOPS = (
+    ("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("b200", 2250e12),
+    ("v6 lite", 918e12), ("v6e", 918e12), ("v5 lite", 197e12),
+    ("v5e", 197e12), ("v5p", 459e12), ("v5", 459e12), ("v4", 275e12),
+)
+
+
+def device_peak_flops(device: jax.Device, override: float = 0.0) -> float | None:
+  if override > 0:
+    return override
+  kind = device.device_kind.lower()
+  for key, flops in PEAK_FLOPS:
+    if key in kind:
+      return flops
+  return None

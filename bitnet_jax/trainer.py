@@ -1,0 +1,392 @@
+"""The training run behind `python -m bitnet_jax.train`: setup, then the loop.
+
+Data flow: config -> tokenizer + grain pipeline (numpy rows per process) ->
+`jax.make_array_from_process_local_data` onto the mesh -> one jitted
+train_step(state, batch) with explicit in/out shardings and the state donated
+-> the metrics of step N-1 are fetched after step N is dispatched -> metric
+writer -> every train.ckpt_every steps orbax saves {state, data iterator}.
+The a8 -> a4 switch: `quant.a4_start_step` swaps in the 4-bit train step
+(one recompile, same state); `init_from` continues another run's state.
+"""
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import time
+from typing import Any
+
+import flax.linen as nn
+import jax
+from jax.experimental import multihost_utils
+import jax.numpy as jnp
+
+from bitnet_jax import checkpoint as ckpt_lib
+from bitnet_jax import corpus as corpus_lib
+from bitnet_jax import data as data_lib
+from bitnet_jax import metrics as metrics_lib
+from bitnet_jax import optimizer as optimizer_lib
+from bitnet_jax import sharding
+from bitnet_jax import tokenizer as tokenizer_lib
+from bitnet_jax import train_step as step_lib
+from bitnet_jax.model import ModelConfig, Transformer, count_params
+
+
+class UserError(Exception):
+  """Bad input: reported as one line, without a traceback."""
+
+
+USER_ERRORS = (UserError, ValueError, FileNotFoundError, KeyError,
+               IsADirectoryError, ckpt_lib.CheckpointError, FloatingPointError)
+
+
+def prepare_workdir(workdir: str) -> None:
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
+    with open(probe, "w") as f:
+      f.write("ok")
+    os.remove(probe)
+  except OSError as e:
+    raise UserError(f"workdir {workdir} is not writable: {e.strerror}") from None
+
+
+class Preemption:
+  """SIGTERM / SIGINT set a flag; the loop saves and exits at a step boundary."""
+
+  def __init__(self, install: bool = True):
+    self.requested = False
+    if install:
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, self._handle)
+
+  def _handle(self, signum, frame):
+    if self.requested and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # a second Ctrl-C stops at once
+    logging.warning("signal %d: saving a checkpoint at the next step", signum)
+    self.requested = True
+
+
+class FrozenIteratorState:
+  """The data iterator's position at a checkpoint step, for grain's handler
+  (which may run after the loop has moved on)."""
+
+  def __init__(self, iterator):
+    self._state = json.dumps(iterator.get_state(), indent=2).encode()
+
+  def get_state(self) -> bytes:
+    return self._state
+
+
+@dataclasses.dataclass
+class Setup:
+  """What a run compiles and shards, built from the config alone."""
+  config: Any
+  model_cfg: ModelConfig
+  mesh: Any
+  rules: Any
+  tx: Any
+  abstract: Any            # unboxed ShapeDtypeStructs carrying shardings
+  state_sharding: Any
+  steps: dict              # act_bits -> jitted train step
+  eval_steps: dict         # act_bits -> jitted eval step
+  num_steps: int
+  stop_step: int
+  params_total: int
+  flops_per_token: float
+
+  def context(self) -> contextlib.ExitStack:
+    """Mesh + logical rules: activation sharding constraints resolve in here."""
+    stack = contextlib.ExitStack()
+    stack.enter_context(self.mesh)
+    stack.enter_context(nn.logical_axis_rules(self.rules))
+    return stack
+
+  def bits_at(self, step: int) -> int:
+    a4 = self.config.quant.a4_start_step
+    return 4 if (a4 >= 0 and step >= a4) else self.model_cfg.act_bits
+
+
+def build(config, devices=None) -> Setup:
+  model_cfg = ModelConfig.from_config(config)
+  num_steps = config.train.num_steps
+  stop = config.train.stop_step if config.train.stop_step >= 0 else num_steps
+  if not 0 < stop <= num_steps:
+    raise UserError(f"train.stop_step {stop} must be in (0, {num_steps}]")
+  mesh = sharding.make_mesh(config.mesh, devices)
+  sharding.check_batch_divides(config.data.batch_size, mesh,
+                               config.train.microbatches)
+  rules = sharding.logical_rules(config.mesh)
+  tx = optimizer_lib.make_optimizer(config.opt, num_steps)
+  boxed = step_lib.abstract_state(Transformer(model_cfg), tx)
+  state_sharding = sharding.state_shardings(boxed, mesh, rules)
+  abstract = jax.tree.map(
+      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+      nn.meta.unbox(boxed), state_sharding)
+  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
+  bits = {model_cfg.act_bits}
+  if config.quant.a4_start_step >= 0:
+    bits.add(4)
+  steps, eval_steps = {}, {}
+  for b in bits:
+    model = Transformer(model_cfg.replace(act_bits=b))
+    steps[b] = jax.jit(step_lib.make_train_step(model, tx,
+                                                config.train.microbatches),
+                       in_shardings=(state_sharding, batch_sh),
+                       out_shardings=(state_sharding, repl), donate_argnums=0)
+    eval_steps[b] = jax.jit(step_lib.make_eval_step(model),
+                            in_shardings=(state_sharding.params, batch_sh),
+                            out_shardings=(repl, repl))
+  params = abstract.params
+  return Setup(config, model_cfg, mesh, rules, tx, abstract, state_sharding, steps,
+               eval_steps, num_steps, stop, count_params(params),
+               step_lib.flops_per_token(model_cfg, params))
+
+
+def abstract_batch(config, mesh):
+  shape = (config.data.batch_size, config.model.seq_len + 1)
+  spec = jax.ShapeDtypeStruct(shape, jnp.int32,
+                              sharding=sharding.batch_sharding(mesh))
+  keys = ["tokens"] + (["segment_ids", "positions"]
+                       if config.data.packing == "first_fit" else [])
+  return {k: spec for k in keys}
+
+
+def dry_run(config) -> dict[str, float]:
+  """Lower and compile the train step from shapes; print per-device memory."""
+  setup = build(config)
+  bits = setup.model_cfg.act_bits
+  with setup.context():
+    compiled = setup.steps[bits].lower(setup.abstract,
+                                       abstract_batch(config, setup.mesh)).compile()
+  mem = compiled.memory_analysis()
+  gib = 1024.0 ** 3
+  out = {"params": setup.params_total,
+         "argument_gib": mem.argument_size_in_bytes / gib,
+         "output_gib": mem.output_size_in_bytes / gib,
+         "alias_gib": mem.alias_size_in_bytes / gib,
+         "temp_gib": mem.temp_size_in_bytes / gib}
+  out["total_gib"] = (out["argument_gib"] + out["output_gib"] - out["alias_gib"]
+                      + out["temp_gib"])
+  print(f"dry run: {setup.params_total / 1e9:.3f}B parameters on mesh "
+        f"{dict(setup.mesh.shape)} ({jax.device_count()} x "
+        f"{jax.devices()[0].device_kind}); per device: arguments "
+        f"{out['argument_gib']:.2f} GiB, outputs {out['output_gib']:.2f} GiB "
+        f"(aliased {out['alias_gib']:.2f}), temporaries {out['temp_gib']:.2f} "
+        f"GiB, total {out['total_gib']:.2f} GiB")
+  return out
+
+
+def barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
+
+
+def load_tokenizer(config, workdir: str, corpus) -> tokenizer_lib.Tokenizer:
+  """The configured .model; else this workdir's cached one; else (a4 runs) the
+  init_from run's; else one trained on a sample of the training documents."""
+  own = os.path.join(workdir, tokenizer_lib.CACHE_NAME)
+  if not config.data.tokenizer and config.init_from and not os.path.exists(own):
+    ckpt_dir, _ = ckpt_lib.resolve_checkpoint(config.init_from)
+    theirs = os.path.join(os.path.dirname(os.fspath(ckpt_dir).rstrip("/")),
+                          tokenizer_lib.CACHE_NAME)
+    if os.path.exists(theirs) and jax.process_index() == 0:
+      shutil.copy(theirs, own)
+    barrier("bitnet_jax_tokenizer_copy")
+
+  def sample():
+    n = max(1, min(len(corpus.train), config.data.tokenizer_train_docs))
+    stride = max(1, len(corpus.train) // n)
+    return (corpus.train[i] for i in range(0, stride * n, stride))
+
+  return tokenizer_lib.get_tokenizer(
+      config.data.tokenizer, workdir, config.model.vocab_size, sample,
+      is_leader=jax.process_index() == 0, barrier=barrier)
+
+
+def load_data(config, workdir):
+  corpus = corpus_lib.load_corpus(config.data)
+  logging.info("data: %s", corpus.description)
+  tok = load_tokenizer(config, workdir, corpus)
+  pid, count = jax.process_index(), jax.process_count()
+  train_ds = data_lib.train_dataset(corpus.train, tok, config.data,
+                                    seq_len=config.model.seq_len,
+                                    seed=config.seed, process_index=pid,
+                                    process_count=count)
+  evals = data_lib.eval_batches(corpus.eval, tok, config.data,
+                                seq_len=config.model.seq_len,
+                                num_batches=config.train.eval_batches,
+                                process_index=pid, process_count=count)
+  return tok, train_ds, evals
+
+
+def initial_state(setup: Setup, config, ckpt: ckpt_lib.Checkpointer, data_iter):
+  """Resume this workdir, else continue init_from, else initialise."""
+  state, step = ckpt.restore_latest(setup.abstract, data_iter)
+  if state is not None:
+    logging.info("resumed step %d from %s", step, ckpt.directory)
+    return state, step, "resumed"
+  if config.init_from:
+    state, step, data_ok = ckpt_lib.restore_init_from(config.init_from,
+                                                       setup.abstract, data_iter)
+    logging.info("init_from %s: continuing at step %d with %d-bit activations "
+                 "(optimizer state reused%s)", config.init_from, step,
+                 setup.bits_at(step), "" if data_ok else "; data stream restarted")
+    return state, step, "init_from"
+  if config.train.require_init_from:
+    raise UserError("this config continues an 8-bit run: set "
+                    "--config.init_from=<a8 workdir>")
+  init = jax.jit(step_lib.unboxed_init(Transformer(setup.model_cfg), setup.tx),
+                 out_shardings=setup.state_sharding)
+  state = init(jax.random.PRNGKey(config.seed))
+  return state, 0, "initialised"
+
+
+def evaluate(setup: Setup, params, batches, bits: int) -> float:
+  total = count = 0.0
+  for local in batches:
+    t, c = setup.eval_steps[bits](params, sharding.global_batch(local, setup.mesh))
+    total, count = total + t, count + c
+  return float(total) / max(float(count), 1.0)
+
+
+def log_start(setup: Setup, config, workdir: str, tokens_per_step: int) -> None:
+  logging.info("devices: %d x %s, processes: %d, mesh: %s", jax.device_count(),
+               jax.devices()[0].device_kind, jax.process_count(),
+               dict(setup.mesh.shape))
+  logging.info("model: %s, %.2fM parameters (%.2fM non-embedding), %.3g "
+               "FLOPs/token; %d tokens/step; schedule %d steps, stop at %d",
+               setup.model_cfg.variant, setup.params_total / 1e6,
+               count_params(setup.abstract.params, non_embedding=True) / 1e6,
+               setup.flops_per_token, tokens_per_step, setup.num_steps,
+               setup.stop_step)
+  logging.info("config:\n%s", config)
+  if jax.process_index() == 0:
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+      f.write(config.to_json_best_effort(indent=2))
+
+
+def train(config, workdir: str, preemption: Preemption | None = None) -> dict:
+  """Train until train.stop_step (or preemption); returns a summary dict."""
+  preemption = preemption or Preemption(install=False)
+  prepare_workdir(workdir)
+  if config.init_from:
+    ckpt_lib.resolve_checkpoint(config.init_from)  # fail before compiling
+  setup = build(config)
+  metrics_lib.quiet_library_logs()
+  metrics_lib.log_to_file(workdir)
+  tokens_per_step = config.data.batch_size * config.model.seq_len
+  log_start(setup, config, workdir, tokens_per_step)
+  _, train_ds, evals = load_data(config, workdir)
+  data_iter = iter(train_ds)
+  ckpt = ckpt_lib.Checkpointer(workdir, config.train.keep_ckpts,
+                               config.train.async_ckpt)
+  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  try:
+    with setup.context():
+      state, start, origin = initial_state(setup, config, ckpt, data_iter)
+      loop = Loop(setup, config, ckpt, writer, data_iter, evals, preemption,
+                  tokens_per_step)
+      summary = loop.run(state, start)
+    summary.update(start_step=start, origin=origin)
+    if jax.process_index() == 0:
+      with open(os.path.join(workdir, "summary.json"), "w") as f:
+        json.dump(summary, f, indent=2)
+    return summary
+  finally:
+    writer.close()
+    ckpt.close()
+
+
+class Loop:
+  """The step loop: dispatch step N, then read step N-1's metrics."""
+
+  def __init__(self, setup: Setup, config, ckpt, writer, data_iter, evals,
+               preemption, tokens_per_step: int):
+    self.setup, self.config, self.ckpt, self.writer = setup, config, ckpt, writer
+    self.data_iter, self.evals, self.preemption = data_iter, evals, preemption
+    peak = step_lib.device_peak_flops(jax.devices()[0], config.train.peak_flops)
+    self.timer = metrics_lib.StepTimer(
+        tokens_per_step, setup.flops_per_token,
+        peak * jax.device_count() if peak else None, setup.stop_step)
+    self.last_ckpt = ckpt.latest_step()
+    self.window: list[dict] = []
+    self.summary: dict[str, Any] = {"first_loss": None}
+
+  def consume(self, step: int, metrics) -> None:
+    """Read one step's metrics (a host sync on that step only) and log."""
+    m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+    metrics_lib.check_finite(step, m["loss"], self.last_ckpt,
+                             str(self.ckpt.directory))
+    self.timer.consumed(step)
+    if self.summary["first_loss"] is None:
+      self.summary["first_loss"] = m["loss"]
+    self.window.append(m)
+    done, stop = step + 1, self.setup.stop_step
+    if done % self.config.train.log_every and done != stop:
+      return
+    row = {k: sum(w[k] for w in self.window) / len(self.window)
+           for k in self.window[0]}
+    row.update(self.timer.report(step))
+    row["act_bits"] = self.setup.bits_at(step)
+    self.writer.scalars(done, row)
+    logging.info(metrics_lib.progress_line(done, stop, row))
+    self.window = []
+    self.summary["final_loss"] = row["loss"]
+    for k in ("tokens_per_sec", "step_time", "mfu"):
+      if k in row:
+        self.summary[k] = row[k]
+
+  def evaluate(self, state, step: int) -> float:
+    loss = evaluate(self.setup, state.params, self.evals,
+                    self.setup.bits_at(step - 1))
+    self.writer.scalars(step, {"eval_loss": loss})
+    logging.info("step %d: eval loss %.4f", step, loss)
+    return loss
+
+  def save(self, state, step: int, force: bool = False) -> None:
+    self.ckpt.save(step, state, FrozenIteratorState(self.data_iter), force=force)
+    self.last_ckpt = step
+
+  def run(self, state, start: int) -> dict:
+    setup, train_cfg = self.setup, self.config.train
+    pending = None
+    for step in range(start, setup.stop_step):
+      bits = setup.bits_at(step)
+      if step == self.config.quant.a4_start_step and step > start:
+        logging.info("step %d: switching to 4-bit activations", step)
+      batch = sharding.global_batch(next(self.data_iter), setup.mesh)
+      state, metrics = setup.steps[bits](state, batch)
+      if pending is not None:
+        self.consume(*pending)  # step N-1, fetched after step N is dispatched
+      pending = (step, metrics)
+      done = step + 1
+      if train_cfg.eval_every and done % train_cfg.eval_every == 0 and (
+          done < setup.stop_step):
+        self.consume(*pending)
+        pending = None
+        self.evaluate(state, done)
+      preempted = self.preemption.requested or self.ckpt.reached_preemption(done)
+      if done % train_cfg.ckpt_every == 0 or preempted:
+        self.save(state, done, force=preempted)
+      if preempted:
+        if pending is not None:
+          self.consume(*pending)
+        self.ckpt.wait()
+        logging.warning("preempted: saved step %d in %s", done,
+                        self.ckpt.directory)
+        self.summary.update(preempted=True, final_step=done)
+        return self.summary
+    if pending is not None:
+      self.consume(*pending)
+    final = setup.stop_step
+    if self.last_ckpt != final:
+      self.save(state, final, force=True)
+    self.ckpt.wait()
+    self.summary["final_eval_loss"] = self.evaluate(state, final)
+    self.summary["final_step"] = final
+    return self.summary

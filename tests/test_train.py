@@ -1,0 +1,252 @@
+"""End-to-end training: resume after SIGKILL, a8 -> a4, errors, dry run, multi-process."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import flax.linen as nn
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from bitnet_jax import checkpoint as ckpt_lib
+from bitnet_jax import defaults, optimizer, trainer
+from bitnet_jax.model import ModelConfig, Transformer
+
+from conftest import make_documents
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ENV = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+
+SMALL = {  # a few-second model on the test's own text
+    "model.vocab_size": 320, "model.d_model": 32, "model.d_ff": 64,
+    "model.num_heads": 2, "model.num_layers": 2, "model.seq_len": 32,
+    "data.batch_size": 8, "data.source": "text", "data.tokenizer_train_docs": 300,
+    "data.eval_fraction": 0.1, "data.shuffle_rows": 64, "opt.warmup_steps": 5,
+    "opt.lr": 3e-3, "opt.lr_stage2": 2e-3, "train.num_steps": 30,
+    "train.stop_step": -1, "train.log_every": 1, "train.ckpt_every": 10,
+    "train.eval_batches": 2,
+}
+
+
+@pytest.fixture(scope="module")
+def corpus_file(tmp_path_factory):
+  path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+  path.write_text("\n\n".join(make_documents(400, seed=3)))
+  return str(path)
+
+
+def small_config(corpus_file, **overrides):
+  c = defaults.tiny_config()
+  settings = dict(SMALL, **{"data.paths": corpus_file})
+  settings.update(overrides)
+  for key, value in settings.items():
+    group, field = key.split(".")
+    c[group][field] = value
+  return c
+
+
+def cli_args(corpus_file, **overrides):
+  settings = dict(SMALL, **{"data.paths": corpus_file})
+  settings.update(overrides)
+  return [f"--config.{k}={v}" for k, v in settings.items()]
+
+
+def train_cli(workdir, *args, config="configs/tiny.py"):
+  return [sys.executable, "-m", "bitnet_jax.train", f"--config={config}",
+          f"--workdir={workdir}", *args]
+
+
+def losses(workdir):
+  """step -> loss, the last record of each step winning (restarts repeat some)."""
+  out = {}
+  for line in open(os.path.join(workdir, "metrics.jsonl")):
+    rec = json.loads(line)
+    if "loss" in rec:
+      out[rec["step"]] = rec
+  return out
+
+
+@pytest.mark.slow
+def test_sigkill_resume_reproduces_the_uninterrupted_run(tmp_path, corpus_file):
+  full, cut = tmp_path / "full", tmp_path / "cut"
+  subprocess.run(train_cli(full, *cli_args(corpus_file)), env=ENV, cwd=ROOT,
+                 check=True, capture_output=True, timeout=600)
+  proc = subprocess.Popen(train_cli(cut, *cli_args(corpus_file)), env=ENV,
+                          cwd=ROOT, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.DEVNULL)
+  deadline = time.time() + 300
+  while not (cut / "checkpoints" / "10").exists():
+    assert proc.poll() is None and time.time() < deadline, "no checkpoint at 10"
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert not (cut / "summary.json").exists()
+  resumed = subprocess.run(train_cli(cut, *cli_args(corpus_file)), env=ENV,
+                           cwd=ROOT, check=True, capture_output=True, text=True,
+                           timeout=600)
+  assert "resumed step" in resumed.stderr
+  a, b = losses(full), losses(cut)
+  assert sorted(b) == list(range(1, 31))
+  for step in range(11, 31):
+    assert b[step]["loss"] == pytest.approx(a[step]["loss"], rel=1e-6), step
+  assert a[30]["loss"] < a[1]["loss"]
+
+
+def saved_state(workdir, step):
+  """The raw arrays of a saved state, read without any target structure."""
+  path = os.path.join(workdir, "checkpoints", str(step), "state")
+  return ocp.StandardCheckpointer().restore(path)
+
+
+@pytest.mark.slow
+def test_a8_to_a4_init_from(tmp_path, corpus_file):
+  a8_dir, a4_dir = str(tmp_path / "a8"), str(tmp_path / "a4")
+  a8 = small_config(corpus_file, **{"train.stop_step": 20})
+  trainer.train(a8, a8_dir)
+  a4 = small_config(corpus_file, **{"quant.act_bits": 4,
+                                    "train.require_init_from": True})
+  a4.init_from = a8_dir
+  setup = trainer.build(a4)
+  # Moments right after the restore equal the saved ones, bit for bit.
+  state, step, _ = ckpt_lib.restore_init_from(a8_dir, setup.abstract)
+  raw = saved_state(a8_dir, 20)
+  assert step == 20 and int(state.step) == 20
+  adam = state.opt_state[1].inner_state[0]
+  raw_adam = raw["opt_state"][1]["inner_state"][0]
+  for name in ("mu", "nu"):
+    got = jax.tree.leaves(getattr(adam, name))
+    want = jax.tree.leaves(raw_adam[name])
+    assert len(got) == len(want) > 10
+    for g, w in zip(got, want):
+      np.testing.assert_array_equal(np.asarray(g), np.asarray(w))
+  # The continued run: same schedule, steps 21..30, 4-bit activations.
+  summary = trainer.train(a4, a4_dir)
+  assert summary["origin"] == "init_from" and summary["start_step"] == 20
+  recs = losses(a4_dir)
+  assert sorted(recs) == list(range(21, 31))
+  sched = optimizer.lr_schedule(a4.opt, 30)
+  for s, rec in recs.items():
+    assert rec["act_bits"] == 4
+    assert rec["lr"] == pytest.approx(float(sched(s - 1)), rel=1e-6, abs=1e-9)
+  with open(os.path.join(a4_dir, "tokenizer.model"), "rb") as f1, open(
+      os.path.join(a8_dir, "tokenizer.model"), "rb") as f2:
+    assert f1.read() == f2.read(), "the a4 run reuses the a8 tokenizer"
+  # The activation bits really changed: <= 16 levels per token at 4 bits.
+  params = nn.meta.unbox(saved_state(a4_dir, 30)["params"])
+  tokens = np.arange(64, dtype=np.int32).reshape(2, 32) % 320
+  for bits, most in ((4, 16), (8, 256)):
+    cfg = ModelConfig.from_config(a4).replace(act_bits=bits, scan_layers=True)
+    _, inter = Transformer(cfg).apply({"params": params}, tokens,
+                                      mutable=["intermediates"])
+    counts = [len(np.unique(np.asarray(row)))
+              for path, leaf in jax.tree_util.tree_flatten_with_path(inter)[0]
+              if "quantized_input" in jax.tree_util.keystr(path)
+              for row in np.asarray(leaf).reshape(-1, np.asarray(leaf).shape[-1])]
+    assert counts and max(counts) <= most
+    if bits == 8:
+      assert max(counts) > 16
+
+
+@pytest.mark.slow
+def test_a4_switch_in_one_run(tmp_path, corpus_file):
+  config = small_config(corpus_file, **{"quant.a4_start_step": 12,
+                                        "train.stop_step": 16})
+  summary = trainer.train(config, str(tmp_path))
+  recs = losses(str(tmp_path))
+  assert [recs[s]["act_bits"] for s in range(10, 17)] == [8, 8, 8, 4, 4, 4, 4]
+  assert np.isfinite(summary["final_eval_loss"])
+
+
+@pytest.mark.slow
+def test_nan_loss_stops_with_the_step_named(tmp_path, corpus_file):
+  config = small_config(corpus_file, **{
+      "model.variant": "fp", "opt.lr": 1e30, "opt.lr_stage2": 1e30,
+      "opt.grad_clip": 0.0, "opt.warmup_steps": 0, "train.ckpt_every": 1})
+  with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step \d+; "
+                     r"stopping \(the last good checkpoint is step \d+"):
+    trainer.train(config, str(tmp_path))
+
+
+BAD = [
+    (["--config.model.no_such_key=1"], "--config.model.no_such_key=1: no such config field"),
+    (["--config.model.d_model=abc"], "--config.model.d_model=abc"),
+    (["--config.mesh.data=3"], "needs 3 devices"),
+    (["--config.init_from=/nonexistent/run"], "init_from: /nonexistent/run does not exist"),
+    (["--config.data.paths=/nonexistent/*.txt"], "matched no files"),
+    (["--config=configs/nope.py"], "cannot load --config=configs/nope.py: [Errno 2]"),
+]
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("args,message", BAD)
+def test_bad_input_is_one_clear_line(tmp_path, corpus_file, args, message):
+  cmd = train_cli(tmp_path / "w", *cli_args(corpus_file), *args)
+  result = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+  assert result.returncode != 0
+  assert message in result.stderr
+  assert "Traceback" not in result.stderr
+  assert "Compiling" not in result.stderr
+
+
+@pytest.mark.slow
+def test_workdir_and_continuation_errors(tmp_path, corpus_file):
+  blocker = tmp_path / "file"
+  blocker.write_text("not a directory")
+  for args, message in (
+      ([f"--workdir={blocker}/sub"], "is not writable"),
+      (["--workdir=" + str(tmp_path / "a4")], "set --config.init_from"),
+  ):
+    cmd = [sys.executable, "-m", "bitnet_jax.train", "--config=configs/tiny_a4.py",
+           *cli_args(corpus_file), *args]
+    result = subprocess.run(cmd, env=ENV, cwd=ROOT, capture_output=True,
+                            text=True, timeout=300)
+    assert result.returncode == 1 and message in result.stderr, result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.slow
+def test_dry_run_compiles_the_7b_config_on_8_cpu_devices():
+  env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+  result = subprocess.run(
+      [sys.executable, "-m", "bitnet_jax.train", "--config=configs/bitnet_v2_7b.py",
+       "--dry_run", "--config.train.microbatches=64"], env=env, cwd=ROOT,
+      capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert "6.705B parameters" in result.stdout
+  assert "'fsdp': 8" in result.stdout and "total" in result.stdout
+
+
+@pytest.mark.slow
+def test_two_processes_train_and_checkpoint(tmp_path, corpus_file):
+  workdir = tmp_path / "mp"
+  args = cli_args(corpus_file, **{"train.stop_step": 6, "train.ckpt_every": 3})
+  launcher = [os.path.join(ROOT, "launch", "local_multiprocess.sh"), "2", "1", "--",
+              "--config=configs/tiny.py", f"--workdir={workdir}", *args]
+  env = dict(ENV, PYTHON=sys.executable)
+  first = subprocess.run(launcher, env=env, cwd=ROOT, capture_output=True,
+                         text=True, timeout=600)
+  assert first.returncode == 0, first.stdout[-3000:]
+  assert "process 1 of 2" in first.stdout
+  data_dir = workdir / "checkpoints" / "6" / "data"
+  assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(data_dir))
+  launcher[launcher.index("--config.train.stop_step=6")] = "--config.train.stop_step=9"
+  second = subprocess.run(launcher, env=env, cwd=ROOT, capture_output=True,
+                          text=True, timeout=600)
+  assert second.returncode == 0, second.stdout[-3000:]
+  assert "resumed step 6" in second.stdout
+  assert (workdir / "checkpoints" / "9").exists()
+
+
+@pytest.mark.slow
+def test_tiny_config_loss_falls(tmp_path):
+  """The README's main job (one CPU device), shortened to its first 150 steps."""
+  subprocess.run(train_cli(tmp_path, "--config.train.stop_step=150"), env=ENV,
+                 cwd=ROOT, check=True, capture_output=True, timeout=900)
+  recs = losses(str(tmp_path))
+  first_logged = recs[min(recs)]["loss"]
+  assert recs[150]["loss"] < 0.7 * first_logged
