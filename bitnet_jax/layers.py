@@ -29,6 +29,7 @@ from bitnet_jax import hadamard
 from bitnet_jax import quant as quantizers
 
 ROTATIONS = ("none", "activation", "weight_and_activation")
+WEIGHT_FORMS = ("latent", "int8", "packed")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,15 +42,28 @@ class QuantConfig:
     topk_ratio: keep this share of each token's largest entries before the
       activation quantizer (BitNet a4.8's sparsified intermediate states).
     hadamard_block_size: block size handed to `fwht` by rotating layers.
+    weights: 'latent' (float kernels quantized on every call: training), or
+      for inference on exported weights, 'int8' (ternary codes held as int8)
+      or 'packed' (2-bit codes, four per byte, unpacked on every call); both
+      multiply integer activation codes by the ternary codes with int32
+      accumulation and apply the two scales afterwards.
   """
   ternary_weights: bool = True
   act_bits: int | None = 8
   topk_ratio: float | None = None
   hadamard_block_size: int = hadamard.DEFAULT_BLOCK_SIZE
+  weights: str = "latent"
 
   def __post_init__(self):
     if self.act_bits not in (8, 4, None):
       raise ValueError(f"act_bits must be 8, 4 or None, got {self.act_bits!r}")
+    if self.weights not in WEIGHT_FORMS:
+      raise ValueError(f"weights must be one of {WEIGHT_FORMS}, got "
+                       f"{self.weights!r}")
+    if self.weights != "latent" and (self.act_bits is None or
+                                     not self.ternary_weights):
+      raise ValueError("integer weights need ternary weights and 8 or 4 "
+                       "activation bits")
     if self.topk_ratio is not None:
       quantizers.topk_count(1, self.topk_ratio)  # validates the range
 
@@ -74,6 +88,14 @@ def _contract(x: jax.Array, w: jax.Array) -> jax.Array:
 
 def _as_tuple(features: int | Sequence[int]) -> tuple[int, ...]:
   return (features,) if isinstance(features, int) else tuple(features)
+
+
+def integer_matmul(x_codes: jax.Array, w_codes: jax.Array) -> jax.Array:
+  """int8 activation codes [..., in] . int8 ternary codes [in, *out], exact
+  int32 accumulation."""
+  return jax.lax.dot_general(x_codes, w_codes,
+                             (((x_codes.ndim - 1,), (0,)), ((), ())),
+                             preferred_element_type=jnp.int32)
 
 
 def rotate_input_axis(w: jax.Array, block_size: int) -> jax.Array:
@@ -112,6 +134,7 @@ class Linear(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     w = _kernel(self, x.shape[-1], _as_tuple(self.features), self.kernel_axes,
                 self.kernel_init, self.param_dtype)
+    self.sow("intermediates", "quant_input", x)  # for analysis, as BitLinear's
     return _contract(x.astype(self.dtype), w.astype(self.dtype))
 
 
@@ -136,6 +159,8 @@ class BitLinear(nn.Module):
   def __call__(self, x: jax.Array) -> jax.Array:
     self._check_rotation()
     cfg = self.quant
+    if cfg.weights != "latent":
+      return self._integer(x)
     w = _kernel(self, x.shape[-1], _as_tuple(self.features), self.kernel_axes,
                 self.kernel_init, self.param_dtype)
     if self.use_norm:
@@ -153,6 +178,31 @@ class BitLinear(nn.Module):
     if cfg.ternary_weights:
       w = quantizers.quantize_weights_ternary(w)
     return _contract(x.astype(self.dtype), w.astype(self.dtype))
+
+
+  def _integer(self, x: jax.Array) -> jax.Array:
+    """Inference on exported ternary codes (see `bitnet_jax.export`): the
+    codes already include a weight rotation, so only x is rotated here."""
+    cfg = self.quant
+    shape = (x.shape[-1], *_as_tuple(self.features))
+    scale = self.param("scale", nn.initializers.ones, (), jnp.float32)
+    if cfg.weights == "packed":
+      from bitnet_jax import packing
+      packed = self.param("packed", nn.initializers.zeros,
+                          (packing.packed_ternary_size(shape),), jnp.uint8)
+      w_codes = packing.unpack_ternary(packed, shape)
+    else:
+      w_codes = self.param("codes", nn.initializers.zeros, shape, jnp.int8)
+    if self.use_norm:
+      x = RMSNorm(self.norm_eps, self.kernel_axes[0], name="norm")(x)
+    if self.rotation != "none":
+      x = hadamard.fwht(x, cfg.hadamard_block_size)
+    if cfg.topk_ratio is not None:
+      x = quantizers.sparsify_topk(x, cfg.topk_ratio)
+    x_codes, x_scale = quantizers.activation_codes(x, cfg.act_bits)
+    acc = integer_matmul(x_codes, w_codes)
+    x_scale = x_scale.reshape(*x_scale.shape[:-1], *([1] * (acc.ndim - x_scale.ndim + 1)))
+    return (acc.astype(jnp.float32) * (x_scale * scale)).astype(self.dtype)
 
 
 class HBitLinear(BitLinear):

@@ -43,6 +43,25 @@ class MetricWriter:
       for k, v in arrays.items():
         self._tb.add_histogram(k, np.asarray(v, np.float32).ravel(), step)
 
+  def activation_summaries(self, step: int, stats: Mapping[str, Mapping]) -> None:
+    """activation_stats summaries: scalars under activations/<key>/<stat>
+    and each histogram as a TensorBoard histogram activations/<key>."""
+    if not self.enabled:
+      return
+    from bitnet_jax.activation_stats import SCALARS
+    scalars = {}
+    for key, s in stats.items():
+      scalars.update({f"activations/{key}/{k}": s[k] for k in SCALARS})
+      counts = np.asarray(s["hist_counts"], np.float64)
+      edges = np.asarray(s["hist_edges"], np.float64)
+      n, mean, std = float(s["count"]), float(s["mean"]), float(s["std"])
+      self._tb.add_histogram_raw(
+          f"activations/{key}", min=float(edges[0]), max=float(edges[-1]),
+          num=n, sum=mean * n, sum_squares=(std ** 2 + mean ** 2) * n,
+          bucket_limits=edges[1:].tolist(), bucket_counts=counts.tolist(),
+          global_step=step)
+    self.scalars(step, scalars)
+
   def close(self) -> None:
     if self.enabled:
       self._tb.close()

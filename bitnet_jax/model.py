@@ -26,7 +26,10 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax import hadamard as hadamard_lib
-from bitnet_jax.layers import BitLinear, HBitLinear, Linear, QuantConfig, RMSNorm
+from bitnet_jax import packing
+from bitnet_jax import quant as quant_lib
+from bitnet_jax.layers import (WEIGHT_FORMS, BitLinear, HBitLinear, Linear,
+                               QuantConfig, RMSNorm)
 
 VARIANTS = ("fp", "b1.58", "v2", "a4.8")
 REMAT_POLICIES = {
@@ -58,8 +61,8 @@ class ModelConfig:
   hadamard_block_size: int = hadamard_lib.DEFAULT_BLOCK_SIZE
   topk_ratio_o: float | None = 0.5    # a4.8 at 4 bits: W_o input top-K share
   topk_ratio_down: float | None = None  # a4.8 at 4 bits: W_down input top-K
-  q_bits: int | None = None           # post-RoPE query quantization (Table 2-3)
-  kv_bits: int | None = None          # post-RoPE key/value quantization
+  q_bits: int | None = None           # post-RoPE query bits (Tables 2-3)
+  kv_bits: int | None = None          # post-RoPE key/value bits (BOS keeps 8)
   rope_theta: float = 10000.0
   norm_eps: float = 1e-5
   init_std: float = 0.02
@@ -68,6 +71,7 @@ class ModelConfig:
   remat: str = "none"
   tie_embeddings: bool = False
   attention_impl: str | None = None   # None (backend's best), 'xla', 'cudnn'
+  weights: str = "latent"             # 'int8' / 'packed': exported inference
 
   def __post_init__(self):
     def bad(field, msg):
@@ -79,6 +83,14 @@ class ModelConfig:
     if self.hadamard not in ("none", "activation", "weight_and_activation"):
       bad("hadamard", f"must be none, activation or weight_and_activation, got "
           f"{self.hadamard!r}")
+    for field in ("q_bits", "kv_bits"):
+      bits = getattr(self, field)
+      if bits is not None and not 2 <= bits <= 8:
+        bad(field, f"must be in [2, 8] or off, got {bits}")
+    if self.weights not in WEIGHT_FORMS:
+      bad("weights", f"must be one of {WEIGHT_FORMS}, got {self.weights!r}")
+    if self.weights != "latent" and self.variant == "fp":
+      bad("weights", "the fp baseline has no ternary weights to export")
     if self.remat not in REMAT_POLICIES:
       bad("remat", f"must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
     if self.dtype not in DTYPES:
@@ -149,9 +161,10 @@ def make_linear(cfg: ModelConfig, role: str, features, kernel_axes,
   bit_common = dict(common, norm_eps=cfg.norm_eps)
   if cfg.variant == "a4.8" and bits == 4 and intermediate:
     ratio = cfg.topk_ratio_o if role == "o" else cfg.topk_ratio_down
-    q = QuantConfig(act_bits=8, topk_ratio=ratio, hadamard_block_size=block)
+    q = QuantConfig(act_bits=8, topk_ratio=ratio, hadamard_block_size=block,
+                    weights=cfg.weights)
     return BitLinear(quant=q, **bit_common)
-  q = QuantConfig(act_bits=bits, hadamard_block_size=block)
+  q = QuantConfig(act_bits=bits, hadamard_block_size=block, weights=cfg.weights)
   if cfg.variant == "v2" and intermediate and cfg.hadamard != "none":
     return HBitLinear(quant=q, rotation=cfg.hadamard, **bit_common)
   return BitLinear(quant=q, **bit_common)
@@ -171,10 +184,15 @@ def apply_rope(x_BLNE: jax.Array, positions_BL: jax.Array,
 
 
 class Attention(nn.Module):
+  """Causal self-attention. With decode_len > 0 it keeps a KV cache of that
+  many positions in the `cache` collection (see generate.py): each call
+  appends its tokens and attends to everything cached so far."""
   cfg: ModelConfig
+  decode_len: int = 0
 
   @nn.compact
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL=None):
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL=None, bos_BL=None,
+               valid_BL=None):
     cfg = self.cfg
     b, l, _ = x_BLD.shape
     k_heads, e = cfg.kv_heads, cfg.head_dim
@@ -186,15 +204,111 @@ class Attention(nn.Module):
     v_BLKE = qkv[..., g + 1, :]
     q_BLHE = apply_rope(q_BLHE, positions_BL, cfg.rope_theta)
     k_BLKE = apply_rope(k_BLKE, positions_BL, cfg.rope_theta)
-    mask = None
-    if segment_ids_BL is not None:
-      mask = (segment_ids_BL[:, None, :, None] ==
-              segment_ids_BL[:, None, None, :])
-    out_BLHE = jax.nn.dot_product_attention(
-        q_BLHE, k_BLKE, v_BLKE, mask=mask, is_causal=True,
-        implementation=cfg.attention_impl)
-    out_BLX = out_BLHE.reshape(b, l, cfg.num_heads * e)
-    return make_linear(cfg, "o", cfg.d_model, ("heads", "embed"), "o")(out_BLX)
+    # Low-bit attention states (Tables 2-3): post-RoPE, per token and head;
+    # the K/V of BOS tokens keep 8 bits.
+    q_BLHE = quant_lib.quantize_heads_keep_bos(q_BLHE, cfg.q_bits, None)
+    if self.decode_len and cfg.kv_bits is not None:
+      # The cache holds the codes themselves (see _attend_quantized_cache).
+      out_BLHE = self._attend_quantized_cache(q_BLHE, k_BLKE, v_BLKE, bos_BL,
+                                              valid_BL)
+      return self._output(out_BLHE)
+    k_BLKE = quant_lib.quantize_heads_keep_bos(k_BLKE, cfg.kv_bits, bos_BL)
+    v_BLKE = quant_lib.quantize_heads_keep_bos(v_BLKE, cfg.kv_bits, bos_BL)
+    if self.decode_len:
+      out_BLHE = self._attend_cached(q_BLHE, k_BLKE, v_BLKE, valid_BL)
+    else:
+      mask = None
+      if segment_ids_BL is not None:
+        mask = (segment_ids_BL[:, None, :, None] ==
+                segment_ids_BL[:, None, None, :])
+      out_BLHE = jax.nn.dot_product_attention(
+          q_BLHE, k_BLKE, v_BLKE, mask=mask, is_causal=True,
+          implementation=cfg.attention_impl)
+    return self._output(out_BLHE)
+
+  def _output(self, out_BLHE):
+    b, l, h, e = out_BLHE.shape
+    return make_linear(self.cfg, "o", self.cfg.d_model, ("heads", "embed"),
+                       "o")(out_BLHE.reshape(b, l, h * e))
+
+  def _attend_quantized_cache(self, q_BLHE, k_BLKE, v_BLKE, bos_BL, valid_BL):
+    """KV cache stored as codes: kv_bits <= 4 packs two codes per byte, plus
+    one float32 absmax per token and head; the first BOS of each row keeps
+    8-bit codes in a side slot (Sec. 3.1). Reading dequantizes exactly as
+    `quant.quantize_heads` does, so cached decoding equals the full forward
+    pass with the same kv_bits."""
+    cfg = self.cfg
+    bits = cfg.kv_bits
+    b, l, k_heads, e = k_BLKE.shape
+    s = self.decode_len
+    packed = bits <= 4
+    width = e // 2 if packed else e
+    i, mask = self._cache_slots(b, l, valid_BL)
+    bos_pos = self.variable("cache", "bos_pos", lambda: jnp.full((b,), -1, jnp.int32))
+    if bos_BL is None:
+      bos_BL = jnp.zeros((b, l), jnp.bool_)
+    has_bos = jnp.any(bos_BL, axis=1) & (bos_pos.value < 0)
+    first_bos = jnp.argmax(bos_BL, axis=1)
+    new_bos_pos = jnp.where(has_bos, i + first_bos, bos_pos.value)
+    read = {}
+    for name, x in (("keys", k_BLKE), ("values", v_BLKE)):
+      codes = self.variable("cache", f"{name}_codes", jnp.zeros,
+                            (b, s, k_heads, width), jnp.uint8)
+      gamma = self.variable("cache", f"{name}_absmax", jnp.zeros,
+                            (b, s, k_heads, 1), jnp.float32)
+      bos_codes = self.variable("cache", f"{name}_bos_codes", jnp.zeros,
+                                (b, k_heads, e), jnp.uint8)
+      bos_gamma = self.variable("cache", f"{name}_bos_absmax", jnp.zeros,
+                                (b, k_heads, 1), jnp.float32)
+      c, _, g = quant_lib.head_codes(x, bits)
+      stored = packing.pack_nibbles(c) if packed else c
+      codes.value = jax.lax.dynamic_update_slice(codes.value, stored, (0, i, 0, 0))
+      gamma.value = jax.lax.dynamic_update_slice(gamma.value, g, (0, i, 0, 0))
+      row_x = jnp.take_along_axis(x, first_bos[:, None, None, None], axis=1)[:, 0]
+      c8, _, g8 = quant_lib.head_codes(row_x, 8)
+      bos_codes.value = jnp.where(has_bos[:, None, None], c8, bos_codes.value)
+      bos_gamma.value = jnp.where(has_bos[:, None, None], g8, bos_gamma.value)
+      all_codes = packing.unpack_nibbles(codes.value) if packed else codes.value
+      deq = quant_lib.dequantize_heads(all_codes, gamma.value, bits, x.dtype)
+      deq8 = quant_lib.dequantize_heads(bos_codes.value, bos_gamma.value, 8,
+                                        x.dtype)
+      is_bos = jnp.arange(s)[None, :] == new_bos_pos[:, None]
+      read[name] = jnp.where(is_bos[:, :, None, None], deq8[:, None], deq)
+    bos_pos.value = new_bos_pos
+    return jax.nn.dot_product_attention(q_BLHE, read["keys"], read["values"],
+                                        mask=mask,
+                                        implementation=cfg.attention_impl)
+
+  def _cache_slots(self, b, l, valid_BL):
+    """Advance the cache by this call's l tokens: (their first slot i, the
+    attention mask [B, 1, l, S] of valid, causally visible slots)."""
+    s = self.decode_len
+    index = self.variable("cache", "index", lambda: jnp.zeros((), jnp.int32))
+    valid = self.variable("cache", "valid", jnp.zeros, (b, s), jnp.bool_)
+    i = index.value
+    new_valid = jnp.ones((b, l), jnp.bool_) if valid_BL is None else valid_BL
+    valid.value = jax.lax.dynamic_update_slice(valid.value, new_valid, (0, i))
+    index.value = i + l
+    key_pos = jnp.arange(s)
+    query_pos = i + jnp.arange(l)
+    mask = (valid.value[:, None, None, :] &
+            (key_pos[None, None, None, :] <= query_pos[None, None, :, None]))
+    return i, mask
+
+  def _attend_cached(self, q_BLHE, k_BLKE, v_BLKE, valid_BL):
+    b, l, k_heads, e = k_BLKE.shape
+    s = self.decode_len
+    i, mask = self._cache_slots(b, l, valid_BL)
+    keys = self.variable("cache", "keys", jnp.zeros, (b, s, k_heads, e),
+                         k_BLKE.dtype)
+    values = self.variable("cache", "values", jnp.zeros, (b, s, k_heads, e),
+                           v_BLKE.dtype)
+    keys.value = jax.lax.dynamic_update_slice(keys.value, k_BLKE, (0, i, 0, 0))
+    values.value = jax.lax.dynamic_update_slice(values.value, v_BLKE,
+                                                (0, i, 0, 0))
+    return jax.nn.dot_product_attention(q_BLHE, keys.value, values.value,
+                                        mask=mask,
+                                        implementation=self.cfg.attention_impl)
 
 
 class FeedForward(nn.Module):
@@ -216,13 +330,15 @@ class FeedForward(nn.Module):
 
 class Block(nn.Module):
   cfg: ModelConfig
+  decode_len: int = 0
 
   @nn.compact
-  def __call__(self, x_BLD, positions_BL, segment_ids_BL):
+  def __call__(self, x_BLD, positions_BL, segment_ids_BL, bos_BL, valid_BL):
     cfg = self.cfg
     pre_norm = cfg.variant == "fp"
     h = RMSNorm(cfg.norm_eps, name="attn_norm")(x_BLD) if pre_norm else x_BLD
-    x_BLD = x_BLD + Attention(cfg, name="attn")(h, positions_BL, segment_ids_BL)
+    x_BLD = x_BLD + Attention(cfg, self.decode_len, name="attn")(
+        h, positions_BL, segment_ids_BL, bos_BL, valid_BL)
     h = RMSNorm(cfg.norm_eps, name="ffn_norm")(x_BLD) if pre_norm else x_BLD
     x_BLD = x_BLD + FeedForward(cfg, name="ffn")(h)
     x_BLD = nn.with_logical_constraint(x_BLD, ACT_EMBED)
@@ -230,15 +346,26 @@ class Block(nn.Module):
 
 
 class Transformer(nn.Module):
-  """tokens [B, L] (int) -> logits [B, L, V] (float32)."""
+  """tokens [B, L] (int) -> logits [B, L, V] (float32).
+
+  positions_BL: RoPE positions (default 0 .. L-1); segment_ids_BL: packed
+  documents attend only within their segment; bos_BL: which tokens are BOS
+  (their K/V keep 8 bits when kv_bits is set; default: position 0).
+  decode_len > 0: incremental decoding with a KV cache of that many positions
+  (collection `cache`); valid_BL then marks real (not padding) tokens.
+  """
   cfg: ModelConfig
+  decode_len: int = 0
 
   @nn.compact
-  def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None):
+  def __call__(self, tokens_BL, positions_BL=None, segment_ids_BL=None,
+               bos_BL=None, valid_BL=None):
     cfg = self.cfg
     if positions_BL is None:
       positions_BL = jnp.broadcast_to(jnp.arange(tokens_BL.shape[1]),
                                       tokens_BL.shape)
+    if bos_BL is None and cfg.kv_bits is not None:
+      bos_BL = positions_BL == 0
     embed = nn.Embed(
         cfg.vocab_size, cfg.d_model, param_dtype=jnp.float32,
         embedding_init=nn.with_logical_partitioning(
@@ -252,16 +379,18 @@ class Transformer(nn.Module):
       block = nn.remat(block, policy=REMAT_POLICIES[cfg.remat],
                        prevent_cse=not cfg.scan_layers)
     if cfg.scan_layers:
-      stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0},
-                      split_rngs={"params": True}, in_axes=(nn.broadcast,
-                                                            nn.broadcast),
+      stack = nn.scan(block, variable_axes={"params": 0, "intermediates": 0,
+                                            "cache": 0},
+                      split_rngs={"params": True},
+                      in_axes=(nn.broadcast,) * 4,
                       length=cfg.num_layers,
                       metadata_params={nn.PARTITION_NAME: "layers"})
-      x_BLD, _ = stack(cfg, name="layers")(x_BLD, positions_BL, segment_ids_BL)
+      x_BLD, _ = stack(cfg, self.decode_len, name="layers")(
+          x_BLD, positions_BL, segment_ids_BL, bos_BL, valid_BL)
     else:
       for i in range(cfg.num_layers):
-        x_BLD, _ = block(cfg, name=f"layer_{i}")(x_BLD, positions_BL,
-                                                  segment_ids_BL)
+        x_BLD, _ = block(cfg, self.decode_len, name=f"layer_{i}")(
+            x_BLD, positions_BL, segment_ids_BL, bos_BL, valid_BL)
 
     x_BLD = RMSNorm(cfg.norm_eps, name="final_norm")(x_BLD)
     if cfg.tie_embeddings:

@@ -6,10 +6,14 @@ Fake-quantizers (return the dequantized value, identity gradient via
   quantize_activations_int8(x)   Eq. 5: per-token (last axis) absmax, [-128, 127]
   quantize_activations_int4(x)   Eq. 6: per-token absmean, scale sqrt(7)/beta, [-8, 7]
   sparsify_topk(x, ratio)        BitNet a4.8: keep the top-K |x| of each token
+  quantize_heads(x, bits)        Tables 2-3: post-RoPE Q/K/V states, per token
+                                 and head, absmax onto unsigned b-bit levels
 
 Integer forms return (int8 codes, float32 scale) whose product is exactly the
 fake-quantized value (in float32):
   ternary_codes(w), int8_codes(x), int4_codes(x)
+and head_codes(x, bits) returns (uint8 codes, scale, offset) with
+fake = codes * scale - offset.
 
 All arithmetic is float32 whatever the input dtype; the fake-quantized value is
 cast back to the input dtype. EPS is the paper's epsilon: an all-zero token (or
@@ -17,6 +21,7 @@ tensor) quantizes to zeros, never NaN.
 """
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -165,3 +170,57 @@ def activation_codes(x: jax.Array, bits: int) -> tuple[jax.Array, jax.Array]:
   if bits == 4:
     return int4_codes(x)
   raise ValueError(f"integer activation bits must be 8 or 4, got {bits!r}")
+
+
+# ---------------------------------------------------------------------------
+# Attention states (Tables 2-3): Q, K, V after RoPE, per token and head.
+
+
+def head_codes(x: jax.Array, bits: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """Unsigned absmax codes of the last axis (one head of one token).
+
+  [-g, g] (g = max|x|) maps affinely onto the 2^bits levels 0 .. 2^bits - 1:
+  u = RoundClip((x + g) / s, 0, 2^bits - 1) with s = 2 g / (2^bits - 1), and
+  x ~ u s - g. No calibration data; the scale travels with the token.
+  """
+  if not 2 <= bits <= 8:
+    raise ValueError(f"attention-state bits must be in [2, 8], got {bits}")
+  x32 = x.astype(jnp.float32)
+  gamma = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+  top = float(2 ** bits - 1)
+  scale = 2.0 * gamma / top
+  codes = _round_clip((x32 + gamma) / (scale + EPS), 0, top)
+  return codes.astype(jnp.uint8), scale, gamma
+
+
+def dequantize_heads(codes: jax.Array, gamma: jax.Array, bits: int,
+                     dtype) -> jax.Array:
+  """u s - g with s = 2 g / (2^bits - 1): the value head_codes encodes."""
+  scale = 2.0 * gamma / float(2 ** bits - 1)
+  return (codes.astype(jnp.float32) * scale - gamma).astype(dtype)
+
+
+def _heads_fake(x, bits):
+  codes, _, gamma = head_codes(x, bits)
+  return dequantize_heads(codes, gamma, bits, x.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def quantize_heads(x: jax.Array, bits: int) -> jax.Array:
+  """Fake-quantized attention states (straight-through gradient)."""
+  return _heads_fake(x, bits)
+
+
+quantize_heads.defvjp(lambda x, bits: (_heads_fake(x, bits), None),
+                      lambda bits, _, g: (g,))
+
+
+def quantize_heads_keep_bos(x_BLNE: jax.Array, bits: int | None,
+                            bos_BL: jax.Array | None) -> jax.Array:
+  """quantize_heads at `bits`, except BOS tokens, which keep 8 bits (Sec. 3.1)."""
+  if bits is None:
+    return x_BLNE
+  low = quantize_heads(x_BLNE, bits)
+  if bos_BL is None or bits == 8:
+    return low
+  return jnp.where(bos_BL[:, :, None, None], quantize_heads(x_BLNE, 8), low)

@@ -17,7 +17,6 @@ import logging
 import os
 import shutil
 import signal
-import time
 from typing import Any
 
 import flax.linen as nn
@@ -25,6 +24,7 @@ import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 
+from bitnet_jax import activation_stats
 from bitnet_jax import checkpoint as ckpt_lib
 from bitnet_jax import corpus as corpus_lib
 from bitnet_jax import data as data_lib
@@ -315,6 +315,7 @@ class Loop:
         peak * jax.device_count() if peak else None, setup.stop_step)
     self.last_ckpt = ckpt.latest_step()
     self.window: list[dict] = []
+    self.summarizers: dict[int, Any] = {}  # act_bits -> jitted summarizer
     self.summary: dict[str, Any] = {"first_loss": None}
 
   def consume(self, step: int, metrics) -> None:
@@ -348,6 +349,26 @@ class Loop:
     logging.info("step %d: eval loss %.4f", step, loss)
     return loss
 
+  def analyze(self, state, step: int) -> None:
+    """Activation summaries (kurtosis, outliers, int4 zeros, histograms) of
+    every layer's projection inputs on the first held-out batch."""
+    if not self.evals:
+      logging.warning("train.analysis_every needs held-out batches "
+                      "(train.eval_batches > 0); skipping")
+      return
+    bits = self.setup.bits_at(step - 1)
+    if bits not in self.summarizers:
+      model = Transformer(self.setup.model_cfg.replace(act_bits=bits, remat="none"))
+      self.summarizers[bits] = activation_stats.make_summarizer(model)
+    local = {"tokens": self.evals[0]["tokens"][:, :-1]}
+    tokens = sharding.global_batch(local, self.setup.mesh)["tokens"]
+    stats = jax.device_get(self.summarizers[bits](state.params, tokens))
+    self.writer.activation_summaries(step, stats)
+    worst = max(stats, key=lambda k: float(stats[k]["kurtosis"]))
+    logging.info("step %d: activation summaries of %d layer inputs logged; "
+                 "highest kurtosis %.1f (%s)", step, len(stats),
+                 float(stats[worst]["kurtosis"]), worst)
+
   def save(self, state, step: int, force: bool = False) -> None:
     self.ckpt.save(step, state, FrozenIteratorState(self.data_iter), force=force)
     self.last_ckpt = step
@@ -370,6 +391,11 @@ class Loop:
         self.consume(*pending)
         pending = None
         self.evaluate(state, done)
+      if train_cfg.analysis_every and done % train_cfg.analysis_every == 0:
+        if pending is not None:
+          self.consume(*pending)
+          pending = None
+        self.analyze(state, done)
       preempted = self.preemption.requested or self.ckpt.reached_preemption(done)
       if done % train_cfg.ckpt_every == 0 or preempted:
         self.save(state, done, force=preempted)

@@ -55,3 +55,52 @@ def documents():
 def small_tokenizer(documents):
   from bitnet_jax.tokenizer import train_tokenizer
   return train_tokenizer(documents, vocab_size=400, num_threads=1)
+
+
+SMALL = {  # a few-second model on the tests' own text
+    "model.vocab_size": 320, "model.d_model": 32, "model.d_ff": 64,
+    "model.num_heads": 2, "model.num_layers": 2, "model.seq_len": 32,
+    "data.batch_size": 8, "data.source": "text", "data.tokenizer_train_docs": 300,
+    "data.eval_fraction": 0.1, "data.shuffle_rows": 64, "opt.warmup_steps": 5,
+    "opt.lr": 3e-3, "opt.lr_stage2": 2e-3, "train.num_steps": 30,
+    "train.stop_step": -1, "train.log_every": 1, "train.ckpt_every": 10,
+    "train.eval_batches": 2,
+}
+
+
+def small_run_config(corpus_file, **overrides):
+  """configs/tiny.py shrunk to SMALL and pointed at `corpus_file`."""
+  from bitnet_jax import defaults
+  c = defaults.tiny_config()
+  settings = dict(SMALL, **{"data.paths": corpus_file})
+  settings.update(overrides)
+  for key, value in settings.items():
+    group, field = key.split(".")
+    c[group][field] = value
+  return c
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory):
+  path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+  path.write_text("\n\n".join(make_documents(400, seed=3)))
+  return str(path)
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory, corpus_file):
+  """A small v2 (a8) run trained for 24 steps; returns its workdir."""
+  from bitnet_jax import trainer
+  workdir = str(tmp_path_factory.mktemp("run") / "v2")
+  trainer.train(small_run_config(corpus_file, **{"train.stop_step": 24}), workdir)
+  return workdir
+
+
+@pytest.fixture(scope="session")
+def b158_run(tmp_path_factory, corpus_file):
+  """A small BitNet b1.58 (a8) run trained for 10 steps; returns its workdir."""
+  from bitnet_jax import trainer
+  workdir = str(tmp_path_factory.mktemp("run") / "b158")
+  trainer.train(small_run_config(corpus_file, **{
+      "model.variant": "b1.58", "train.stop_step": 10}), workdir)
+  return workdir

@@ -136,3 +136,14 @@ def np_rmsnorm(x, scale, eps):
 def np_hadamard(n):
   """Dense orthonormal Hadamard matrix of a supported size (float64)."""
   return ref_matrix_columns(n, np.arange(n)) / np.sqrt(n)
+
+
+def np_heads(x, bits):
+  """Absmax onto unsigned b-bit levels per token and head (last axis)."""
+  x = np.asarray(x, np.float64)
+  gamma = np.max(np.abs(x), axis=-1, keepdims=True)
+  top = 2 ** bits - 1
+  scale = 2 * gamma / top
+  pre = (x + gamma) / (scale + EPS)
+  codes = np_roundclip(pre, 0, top)
+  return codes, scale, gamma, pre

@@ -9,7 +9,8 @@ from bitnet_jax import defaults
 from bitnet_jax.model import (ModelConfig, Transformer, count_params,
                               param_shapes)
 
-from np_reference import np_hadamard, np_int4, np_int8, np_rmsnorm, np_ternary
+from np_reference import (np_hadamard, np_heads, np_int4, np_int8, np_rmsnorm,
+                          np_ternary)
 
 VARIANTS = ["fp", "b1.58", "v2", "a4.8"]
 
@@ -65,6 +66,20 @@ def ref_rope(x, theta=10000.0):
                          x2 * np.cos(ang) + x1 * np.sin(ang)], -1)
 
 
+def ref_qkv_quant(cfg, q, k, v):
+  """Post-RoPE absmax onto unsigned levels; K/V of BOS (position 0) at 8 bits."""
+  def fake(x, bits):
+    codes, scale, gamma, _ = np_heads(x, bits)
+    return codes * scale - gamma
+  if cfg.q_bits:
+    q = fake(q, cfg.q_bits)
+  if cfg.kv_bits:
+    k8, v8 = fake(k, 8), fake(v, 8)
+    k, v = fake(k, cfg.kv_bits), fake(v, cfg.kv_bits)
+    k[:, 0], v[:, 0] = k8[:, 0], v8[:, 0]
+  return q, k, v
+
+
 def ref_forward(cfg, params, tokens):
   v = cfg.variant
   bits_in = None if v == "fp" else (4 if (v == "a4.8" and cfg.act_bits == 4)
@@ -85,6 +100,7 @@ def ref_forward(cfg, params, tokens):
     q = ref_rope(qkv[:, :, :, :g].reshape(b, length, kh * g, e))
     k = ref_rope(qkv[:, :, :, g])
     val = qkv[:, :, :, g + 1]
+    q, k, val = ref_qkv_quant(cfg, q, k, val)
     out = np.zeros((b, length, cfg.num_heads, e))
     for head in range(cfg.num_heads):
       s = np.einsum("bqe,bke->bqk", q[:, :, head], k[:, :, head // g]) / np.sqrt(e)
@@ -108,17 +124,22 @@ def rel(a, b):
   return np.linalg.norm(np.asarray(a, np.float64) - b) / np.linalg.norm(b)
 
 
-@pytest.mark.parametrize("variant,bits", [("fp", 8), ("b1.58", 8), ("v2", 8),
-                                          ("v2", 4), ("a4.8", 8), ("a4.8", 4)])
-def test_model_equals_reference(variant, bits):
-  cfg = small_cfg(variant=variant, act_bits=bits)
+@pytest.mark.parametrize("variant,bits,qkv", [
+    ("fp", 8, None), ("b1.58", 8, None), ("v2", 8, None), ("v2", 4, None),
+    ("a4.8", 8, None), ("a4.8", 4, None), ("v2", 8, (4, 4)), ("v2", 4, (4, 3))])
+def test_model_equals_reference(variant, bits, qkv):
+  q_bits, kv_bits = qkv or (None, None)
+  cfg = small_cfg(variant=variant, act_bits=bits, q_bits=q_bits, kv_bits=kv_bits)
   tokens = tokens_for(cfg)
   params = init(cfg, tokens)
   logits = jax.jit(Transformer(cfg).apply)({"params": params}, tokens)
   ref = ref_forward(cfg, params, tokens)
   assert logits.shape == ref.shape and logits.dtype == jnp.float32
   assert rel(logits, ref) < 2e-3
-  if variant == "v2":
+  if qkv:  # the attention-state quantizers are really on
+    plain = jax.jit(Transformer(cfg.replace(q_bits=None, kv_bits=None)).apply)
+    assert rel(logits, np.asarray(plain({"params": params}, tokens))) > 1e-3
+  if variant == "v2" and not qkv:
     # The reference without its Hadamards is far away: the rotation matters,
     # and is placed exactly at the W_o and W_down inputs.
     assert rel(logits, ref_forward(cfg.replace(variant="b1.58"), params,

@@ -1,5 +1,4 @@
 """Quantizers against float64 numpy formulas of Eq. 1, 2, 5 and 6."""
-import math
 
 import jax
 import jax.numpy as jnp
@@ -136,3 +135,41 @@ def test_sparsify_topk_keeps_largest_magnitudes():
 def test_quantize_activations_dispatch_errors():
   with pytest.raises(ValueError, match="8, 4 or None"):
     quant.quantize_activations(jnp.ones((2, 4)), 3)
+
+
+@pytest.mark.parametrize("bits", [3, 4, 8])
+def test_attention_state_quantizer(bits):
+  from np_reference import np_heads
+  rng = np.random.default_rng(9)
+  x = rng.standard_normal((2, 5, 3, 16)).astype(np.float32)  # [B, L, heads, E]
+  x[0, 0, 1] *= 50.0                                          # a huge head
+  x[1, 2, 0] = 0.0                                            # an all-zero head
+  codes, scale, gamma = quant.head_codes(jnp.asarray(x), bits)
+  ref_codes, ref_scale, ref_gamma, pre = np_heads(x, bits)
+  assert codes.dtype == jnp.uint8
+  assert int(codes.max()) <= 2 ** bits - 1
+  assert_levels_equal(codes, ref_codes, pre)
+  np.testing.assert_allclose(scale, ref_scale, rtol=1e-6)
+  fake = quant.quantize_heads(jnp.asarray(x), bits)
+  np.testing.assert_allclose(fake, ref_codes * ref_scale - ref_gamma, rtol=1e-5,
+                             atol=1e-6)
+  np.testing.assert_array_equal(np.asarray(fake)[1, 2, 0], 0.0)
+  # Each head uses at most 2^bits levels, and its extremes are exact.
+  per_head = np.asarray(fake).reshape(-1, 16)
+  assert max(len(np.unique(h)) for h in per_head) <= 2 ** bits
+  g = jax.grad(lambda v: jnp.sum(quant.quantize_heads(v, bits) * 3.0))(jnp.asarray(x))
+  np.testing.assert_array_equal(g, 3.0)
+
+
+def test_bos_keeps_eight_bits():
+  from np_reference import np_heads
+  x = np.random.default_rng(10).standard_normal((2, 4, 2, 16)).astype(np.float32)
+  bos = np.zeros((2, 4), bool)
+  bos[:, 0] = True
+  y = np.asarray(quant.quantize_heads_keep_bos(jnp.asarray(x), 3, jnp.asarray(bos)))
+  c8, s8, g8, _ = np_heads(x, 8)
+  c3, s3, g3, _ = np_heads(x, 3)
+  np.testing.assert_allclose(y[:, 0], (c8 * s8 - g8)[:, 0], rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(y[:, 1:], (c3 * s3 - g3)[:, 1:], rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(
+      quant.quantize_heads_keep_bos(jnp.asarray(x), None, jnp.asarray(bos)), x)

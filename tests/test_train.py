@@ -13,40 +13,16 @@ import orbax.checkpoint as ocp
 import pytest
 
 from bitnet_jax import checkpoint as ckpt_lib
-from bitnet_jax import defaults, optimizer, trainer
+from bitnet_jax import optimizer, trainer
 from bitnet_jax.model import ModelConfig, Transformer
 
-from conftest import make_documents
+from conftest import SMALL, small_run_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", XLA_FLAGS="")
 
-SMALL = {  # a few-second model on the test's own text
-    "model.vocab_size": 320, "model.d_model": 32, "model.d_ff": 64,
-    "model.num_heads": 2, "model.num_layers": 2, "model.seq_len": 32,
-    "data.batch_size": 8, "data.source": "text", "data.tokenizer_train_docs": 300,
-    "data.eval_fraction": 0.1, "data.shuffle_rows": 64, "opt.warmup_steps": 5,
-    "opt.lr": 3e-3, "opt.lr_stage2": 2e-3, "train.num_steps": 30,
-    "train.stop_step": -1, "train.log_every": 1, "train.ckpt_every": 10,
-    "train.eval_batches": 2,
-}
-
-
-@pytest.fixture(scope="module")
-def corpus_file(tmp_path_factory):
-  path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-  path.write_text("\n\n".join(make_documents(400, seed=3)))
-  return str(path)
-
-
 def small_config(corpus_file, **overrides):
-  c = defaults.tiny_config()
-  settings = dict(SMALL, **{"data.paths": corpus_file})
-  settings.update(overrides)
-  for key, value in settings.items():
-    group, field = key.split(".")
-    c[group][field] = value
-  return c
+  return small_run_config(corpus_file, **overrides)
 
 
 def cli_args(corpus_file, **overrides):

@@ -1,0 +1,178 @@
+"""`python -m bitnet_jax.analyze`: activation distributions (Figures 1-3).
+
+For every layer, the inputs of W_qkv, W_up/gate, W_o and W_down on a batch of
+real text -- what each layer's activation quantizer sees, and for H-BitLinear
+layers also the input before the Hadamard -- summarized by
+`activation_stats.summarize`:
+
+  python -m bitnet_jax.analyze --workdir=RUN --out=/tmp/acts
+  python -m bitnet_jax.analyze --workdir=B158_RUN,V2_RUN --out=/tmp/acts
+
+writes DIR/summary.json ({run: {"layer{i}/{site}/{stage}": stats}}, stage
+`input` = the quantizer's input, `pre_rotation` = before the Hadamard) and one
+PNG per layer and site: histograms with log-scaled counts, the runs side by
+side (e.g. BitNet b1.58's W_down input next to BitNet v2's before and after
+the Hadamard). The text is the first run's held-out split by default
+(--source/--paths as in `bitnet_jax.evaluate`). Training logs the same
+summaries to TensorBoard every `train.analysis_every` steps.
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+import types
+
+from absl import app, flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from bitnet_jax import activation_stats
+from bitnet_jax.activation_stats import SITES, STAGES, make_summarizer
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The CLI's flags (defined only when run as a program, so that the
+  library functions here can be imported next to other CLIs)."""
+  config_flags.DEFINE_config_file(
+      "config", None, "Config of the run (default: <workdir>/config.json); only "
+      "with a single --workdir.", lock_config=False)
+  flags.DEFINE_list("workdir", None, "One run, or two to compare side by side "
+                    "(e.g. b1.58,v2).")
+  flags.DEFINE_integer("step", -1, "Checkpoint step (-1: latest).")
+  flags.DEFINE_string("out", None, "Output directory for summary.json and PNGs.")
+  flags.DEFINE_integer("num_seqs", 8, "Sequences of the model's context to run.")
+  flags.DEFINE_enum("source", "heldout", ["heldout", "text", "jsonl"],
+                    "Text to run: the first run's held-out split, or files.")
+  flags.DEFINE_string("paths", "", "text/jsonl files or globs.")
+  flags.DEFINE_string("text_field", "text", "jsonl text field.")
+  flags.DEFINE_bool("figures", True, "Write PNG histograms.")
+
+
+def text_batch(pre, docs: list[str], num_seqs: int) -> np.ndarray:
+  """The documents as [BOS] doc [EOS] ..., cut into num_seqs rows of the
+  model's context."""
+  tok, width = pre.tokenizer, pre.model_cfg.max_len
+  stream: list[int] = []
+  for doc in docs:
+    stream += [tok.bos_id, *tok.encode(doc), tok.eos_id]
+    if len(stream) >= num_seqs * width:
+      break
+  rows = len(stream) // width
+  if rows == 0:
+    raise ValueError(f"the text has {len(stream)} tokens, fewer than one "
+                     f"sequence of {width}")
+  rows = min(rows, num_seqs)
+  return np.asarray(stream[:rows * width], np.int32).reshape(rows, width)
+
+
+def to_json(stats: dict) -> dict:
+  out = {k: float(stats[k]) for k in activation_stats.SCALARS}
+  out["outlier_channels"] = np.flatnonzero(np.asarray(stats["outlier_mask"])).tolist()
+  return out
+
+
+def run_label(pre) -> str:
+  cfg = pre.model_cfg
+  name = {"v2": "BitNet v2", "b1.58": "BitNet b1.58", "a4.8": "BitNet a4.8",
+          "fp": "float"}.get(cfg.variant, cfg.variant)
+  bits = "" if cfg.variant == "fp" else f" a{cfg.act_bits}"
+  return f"{name}{bits} ({os.path.basename(os.path.normpath(pre.workdir))})"
+
+
+def write_figures(out_dir: str, runs: dict[str, dict]) -> list[str]:
+  """One PNG per layer and site; a panel per (run, stage), log counts."""
+  import matplotlib
+  matplotlib.use("Agg")
+  from matplotlib import pyplot as plt
+  titles = {"qkv": "W_qkv", "up_gate": "W_up/gate", "o": "W_o", "down": "W_down"}
+  keys = sorted({k.rsplit("/", 1)[0] for stats in runs.values() for k in stats},
+                key=lambda k: (int(k.split("/")[0][5:]), SITES.index(k.split("/")[1])))
+  written = []
+  for key in keys:
+    panels = [(label, stage, stats[f"{key}/{stage}"]) for label, stats in runs.items()
+              for stage in STAGES if f"{key}/{stage}" in stats]
+    fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3),
+                             dpi=100, squeeze=False)
+    layer, site = key.split("/")
+    for ax, (label, stage, s) in zip(axes[0], panels):
+      edges = np.asarray(s["hist_edges"], np.float64)
+      counts = np.asarray(s["hist_counts"], np.float64)
+      ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge")
+      ax.set_yscale("log")
+      where = {"pre_rotation": "before Hadamard",
+               "input": "after Hadamard" if any(p[1] == "pre_rotation" and p[0] == label
+                                                for p in panels) else "input"}[stage]
+      ax.set_title(f"{label}\n{titles[site]} {where}", fontsize=8)
+      ax.set_xlabel(f"kurtosis {float(s['kurtosis']):.1f}, "
+                    f"max/mean {float(s['max_over_mean']):.1f}", fontsize=7)
+    fig.suptitle(f"{layer}: inputs of {titles[site]}", fontsize=9)
+    fig.subplots_adjust(top=0.72, bottom=0.2, wspace=0.3)
+    path = os.path.join(out_dir, f"{layer}_{site}.png")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    written.append(path)
+  return written
+
+
+def analyze(pres: list, docs: list[str], out_dir: str, num_seqs: int = 8,
+            figures: bool = True, data_desc: str = "") -> dict:
+  """Summaries (and figures) of each run on the same documents, each read
+  with its run's own tokenizer; writes out_dir/summary.json."""
+  runs = {}
+  for pre in pres:
+    tokens = text_batch(pre, docs, num_seqs)
+    label = run_label(pre)
+    if label in runs:
+      label = f"{label} #{len(runs) + 1}"
+    summarizer = make_summarizer(pre.model, pre.tokenizer.bos_id)
+    runs[label] = jax.device_get(summarizer(pre.params, jnp.asarray(tokens)))
+  summary = {label: {k: to_json(v) for k, v in sorted(stats.items())}
+             for label, stats in runs.items()}
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, "summary.json"), "w") as f:
+    json.dump({"data": f"{data_desc}, {tokens.shape[0]} x {tokens.shape[1]} "
+                       "tokens", "runs": summary}, f, indent=2)
+  files = write_figures(out_dir, runs) if figures else []
+  return {"runs": summary, "figures": files}
+
+
+def main(argv):
+  del argv
+  if not FLAGS.workdir or not FLAGS.out:
+    raise app.UsageError("--workdir and --out are required")
+  if len(FLAGS.workdir) > 2:
+    raise app.UsageError("--workdir takes one run or two to compare")
+  if FLAGS.config is not None and len(FLAGS.workdir) > 1:
+    raise app.UsageError("--config applies to a single --workdir")
+  from bitnet_jax import perplexity, pretrained
+  from bitnet_jax.checkpoint import CheckpointError
+  try:
+    pres = [pretrained.load(w, step=None if FLAGS.step < 0 else FLAGS.step,
+                            config=FLAGS.config if i == 0 else None)
+            for i, w in enumerate(FLAGS.workdir)]
+    select = types.SimpleNamespace(
+        source=FLAGS.source, split="eval", paths=FLAGS.paths,
+        text_field=FLAGS.text_field, doc_split="blank_line", tfds_name="",
+        tfds_data_dir="", max_docs=0)
+    docs, desc = perplexity.corpus_documents(pres[0], select)
+    result = analyze(pres, docs, FLAGS.out, FLAGS.num_seqs, FLAGS.figures, desc)
+  except (ValueError, FileNotFoundError, KeyError, CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  for label, stats in result["runs"].items():
+    print(label)
+    for key, s in stats.items():
+      print(f"  {key:24s} kurtosis {s['kurtosis']:8.2f}  max/mean "
+            f"{s['max_over_mean']:7.2f}  outlier channels {s['outlier_share']:.3f}"
+            f"  int4 zeros {s['int4_zero_share']:.3f}")
+  print(f"wrote {FLAGS.out}/summary.json and {len(result['figures'])} figures")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

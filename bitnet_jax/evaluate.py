@@ -1,0 +1,125 @@
+"""`python -m bitnet_jax.evaluate`: perplexity and lm-evaluation-harness tasks.
+
+Perplexity (the default) of a trained run (--workdir; --config is optional,
+the run's own config.json is the default) on any corpus the data pipeline
+reads: the run's own held-out split, text or JSON-lines files, or a TFDS split
+(e.g. C4 validation):
+
+  python -m bitnet_jax.evaluate --workdir=/tmp/bitnet_tiny
+  python -m bitnet_jax.evaluate --workdir=RUN --source=text --paths=valid.txt
+  python -m bitnet_jax.evaluate --workdir=RUN --source=tfds \
+      --tfds_name=c4/en:3.1.0 --split=validation --tfds_data_dir=gs://BUCKET/tfds
+
+Each document is [BOS] + tokens + [EOS]; its targets (every token after BOS)
+are scored in windows of --window inputs (default: the model's context)
+starting every --stride tokens (default: the window, i.e. disjoint windows);
+a target is scored by the first window that reaches it, with the context that
+window holds, so every token counts exactly once.
+
+Zero-shot tasks through lm-evaluation-harness (`pip install -r
+requirements-eval.txt`; the tasks download their data on first use):
+
+  python -m bitnet_jax.evaluate --workdir=RUN \
+      --tasks=arc_easy,arc_challenge,hellaswag,piqa,winogrande,lambada_openai
+
+--q_bits / --kv_bits / --act_bits evaluate the same weights with low-bit
+attention states or other activation bits. Results are printed and written as
+JSON (--out, default <workdir>/eval/...).
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from bitnet_jax.perplexity import corpus_documents, perplexity
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The CLI's flags (defined only when run as a program, so that the
+  library functions here can be imported next to other CLIs)."""
+  config_flags.DEFINE_config_file(
+      "config", None, "The run's config file (default: <workdir>/config.json, "
+      "what training resolved); a config that does not match the checkpoint's "
+      "shapes is an error.", lock_config=False)
+  flags.DEFINE_string("workdir", None, "The run to evaluate.")
+  flags.DEFINE_integer("step", -1, "Checkpoint step (-1: latest).")
+  flags.DEFINE_enum("source", "heldout", ["heldout", "text", "jsonl", "tfds"],
+                    "Perplexity corpus: the run's own data config, or another.")
+  flags.DEFINE_string("split", "eval", "heldout/text/jsonl: eval or train; "
+                      "tfds: the split name.")
+  flags.DEFINE_string("paths", "", "text/jsonl files or globs.")
+  flags.DEFINE_string("text_field", "text", "jsonl/tfds text field.")
+  flags.DEFINE_enum("doc_split", "blank_line", ["blank_line", "file"], "text docs.")
+  flags.DEFINE_string("tfds_name", "", "tfds dataset name.")
+  flags.DEFINE_string("tfds_data_dir", "", "tfds data_dir.")
+  flags.DEFINE_integer("max_docs", 0, "Score at most this many documents.")
+  flags.DEFINE_integer("window", 0, "Inputs per window (0: the model's context).")
+  flags.DEFINE_integer("stride", 0, "Tokens between window starts (0: window).")
+  flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
+  flags.DEFINE_list("tasks", [], "lm-evaluation-harness tasks (instead of PPL).")
+  flags.DEFINE_string("include_path", "", "Directory of extra task YAMLs.")
+  flags.DEFINE_integer("num_fewshot", 0, "Few-shot examples per task.")
+  flags.DEFINE_integer("limit", 0, "Documents per task (0: all).")
+  flags.DEFINE_integer("q_bits", 0, "Post-RoPE query bits (0: as trained).")
+  flags.DEFINE_integer("kv_bits", 0, "Post-RoPE key/value bits (0: as trained).")
+  flags.DEFINE_integer("act_bits", 0, "Activation bits (0: as trained).")
+  flags.DEFINE_string("out", "", "JSON result path (default: <workdir>/eval/).")
+
+
+def overrides_from_flags(flags_) -> dict:
+  return {k: getattr(flags_, k) for k in ("q_bits", "kv_bits", "act_bits")
+          if getattr(flags_, k)}
+
+
+def write_json(result: dict, path: str) -> None:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  with open(path, "w") as f:
+    json.dump(result, f, indent=2, default=str)
+
+
+def main(argv):
+  del argv
+  if not FLAGS.workdir:
+    raise app.UsageError("--workdir is required")
+  from bitnet_jax import pretrained
+  from bitnet_jax.checkpoint import CheckpointError
+  try:
+    pre = pretrained.load(FLAGS.workdir, step=None if FLAGS.step < 0 else FLAGS.step,
+                          config=FLAGS.config, **overrides_from_flags(FLAGS))
+    tag = "_".join(f"{k}{v}" for k, v in overrides_from_flags(FLAGS).items())
+    if FLAGS.tasks:
+      from bitnet_jax import harness
+      result = harness.run_tasks(pre, FLAGS.tasks, num_fewshot=FLAGS.num_fewshot,
+                                 limit=FLAGS.limit or None,
+                                 include_path=FLAGS.include_path or None,
+                                 batch_size=FLAGS.batch_size)
+      print(result.pop("table"))
+      name = "tasks"
+    else:
+      docs, desc = corpus_documents(pre, FLAGS)
+      result = perplexity(pre, docs, FLAGS.window, FLAGS.stride, FLAGS.batch_size)
+      result["data"] = desc
+      print(f"step {pre.step}: nll {result['nll']:.4f}, perplexity "
+            f"{result['ppl']:.3f} over {result['tokens']:,} tokens of "
+            f"{result['documents']} documents ({desc})")
+      name = f"ppl_{FLAGS.source}_{FLAGS.split}"
+  except (ValueError, FileNotFoundError, KeyError, CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  result.update(step=pre.step, workdir=FLAGS.workdir,
+                model=overrides_from_flags(FLAGS) or "as trained")
+  out = FLAGS.out or os.path.join(FLAGS.workdir, "eval",
+                                  f"{name}{'_' + tag if tag else ''}.json")
+  write_json(result, out)
+  print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

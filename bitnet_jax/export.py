@@ -1,0 +1,223 @@
+"""`python -m bitnet_jax.export --workdir=RUN --out=DIR`: a packed inference model.
+
+The trained linear weights become 2-bit ternary codes (four per byte) with
+their per-tensor absmean scales -- exactly the ternary weights the training
+graph used (Eq. 1-2; for the `weight_and_activation` ablation, of the rotated
+kernel). The embedding, head and norms are kept in --dtype (bfloat16 by
+default). DIR gets:
+
+  model.safetensors   tensors named by their parameter path ("layers/attn/qkv/
+                      packed", ".../scale", "embed/embedding", ...); the
+                      model config as JSON in the file's metadata
+  config.json         the run's config (model and quant groups)
+  tokenizer.model     the run's tokenizer
+  export.json         the size report
+
+Load it with `load(DIR)` (or `python -m bitnet_jax.generate --model=DIR`): the
+model then runs with integer matmuls (`ModelConfig.weights`: `packed` keeps
+the 2-bit codes in memory, `int8` unpacks them once at load).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+
+from absl import app, flags
+import jax
+import numpy as np
+
+from bitnet_jax import packing
+from bitnet_jax import quant
+from bitnet_jax.activation_stats import SITES
+from bitnet_jax.layers import rotate_input_axis
+from bitnet_jax.model import ModelConfig, param_shapes
+
+WEIGHTS_FILE = "model.safetensors"
+FLOAT_DTYPES = {"bfloat16": jax.numpy.bfloat16, "float32": np.float32}
+
+
+def _is_linear(path: tuple[str, ...]) -> bool:
+  return len(path) >= 2 and path[-1] == "kernel" and path[-2] in SITES
+
+
+def _rotates_weight(cfg: ModelConfig, site: str) -> bool:
+  return (cfg.variant == "v2" and cfg.hadamard == "weight_and_activation"
+          and site in ("o", "down"))
+
+
+def ternary_tensor(kernel, rotate: bool, block: int, layered: bool):
+  """(codes int8, scale f32) of one kernel, per layer when stacked by scan."""
+  def one(w):
+    if rotate:
+      w = rotate_input_axis(w, block)
+    return quant.ternary_codes(w)
+  codes, scale = (jax.vmap(one) if layered else one)(jax.numpy.asarray(kernel))
+  return np.asarray(codes, np.int8), np.asarray(scale, np.float32).reshape(
+      codes.shape[:1] if layered else ())
+
+
+def inference_params(params, cfg: ModelConfig, weights: str = "packed",
+                     float_dtype: str = "bfloat16"):
+  """Latent training params -> the param tree of `cfg.replace(weights=...)`."""
+  if cfg.variant == "fp":
+    raise ValueError("the fp baseline has no ternary weights to export")
+  dtype = FLOAT_DTYPES[float_dtype]
+  out = {}
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    keys = tuple(p.key for p in path)
+    target = out
+    for k in keys[:-2]:
+      target = target.setdefault(k, {})
+    layered = keys[0] == "layers"
+    if _is_linear(keys):
+      codes, scale = ternary_tensor(leaf, _rotates_weight(cfg, keys[-2]),
+                                    cfg.hadamard_block_size, layered)
+      layer = target.setdefault(keys[-2], {})
+      layer["scale"] = scale
+      if weights == "packed":
+        shape = codes.shape[1:] if layered else codes.shape
+        layer["packed"] = (np.stack([packing.pack_ternary(c) for c in codes])
+                           if layered else packing.pack_ternary(codes))
+        assert layer["packed"].shape[-1] == packing.packed_ternary_size(shape)
+      else:
+        layer["codes"] = codes
+    else:
+      target.setdefault(keys[-2], {})[keys[-1]] = np.asarray(leaf).astype(dtype)
+  return out
+
+
+def flatten(tree) -> dict:
+  """{"a/b/c": leaf} of a nested param dict."""
+  return {"/".join(p.key for p in path): leaf for path, leaf in
+          jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def unflatten(flat: dict[str, np.ndarray]):
+  tree: dict = {}
+  for name, value in flat.items():
+    *parents, leaf = name.split("/")
+    node = tree
+    for p in parents:
+      node = node.setdefault(p, {})
+    node[leaf] = value
+  return tree
+
+
+def size_report(latent_params, exported) -> dict:
+  linear = sum(int(np.prod(l.shape)) for p, l in
+               jax.tree_util.tree_flatten_with_path(latent_params)[0]
+               if _is_linear(tuple(k.key for k in p)))
+  flat = flatten(exported)
+  packed = sum(v.nbytes for k, v in flat.items()
+               if k.endswith(("/packed", "/codes", "/scale")) and
+               k.rsplit("/", 2)[-2] in SITES)
+  other = sum(v.nbytes for v in flat.values()) - packed
+  return {"linear_weights": linear, "linear_bytes": packed,
+          "linear_bytes_bf16": 2 * linear,
+          "linear_ratio_to_bf16": packed / (2 * linear),
+          "other_bytes": other, "total_bytes": packed + other}
+
+
+def export(pre, out_dir: str, weights: str = "packed",
+           float_dtype: str = "bfloat16") -> dict:
+  from safetensors.numpy import save_file
+  exported = inference_params(pre.params, pre.model_cfg, weights, float_dtype)
+  os.makedirs(out_dir, exist_ok=True)
+  model = dataclasses.asdict(pre.model_cfg.replace(weights=weights))
+  flat = flatten(exported)
+  # safetensors has no bfloat16 in numpy: store its bits as uint16 and say so
+  dtypes = {k: str(v.dtype) for k, v in flat.items()}
+  stored = {k: (v.view(np.uint16) if v.dtype == jax.numpy.bfloat16 else v)
+            for k, v in flat.items()}
+  path = os.path.join(out_dir, WEIGHTS_FILE)
+  save_file(stored, path, metadata={"model": json.dumps(model),
+                                    "dtypes": json.dumps(dtypes),
+                                    "format": "bitnet_jax/1"})
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(pre.config.to_dict(), f, indent=2, default=str)
+  pre.tokenizer.save(os.path.join(out_dir, "tokenizer.model"))
+  report = size_report(pre.params, exported)
+  report.update(file_bytes=os.path.getsize(path), weights=weights,
+                float_dtype=float_dtype, step=pre.step, source=pre.workdir)
+  with open(os.path.join(out_dir, "export.json"), "w") as f:
+    json.dump(report, f, indent=2)
+  return report
+
+
+def load_weights(model_dir: str):
+  """(ModelConfig, params) of an exported model; clear errors for a missing,
+  truncated or mismatched file."""
+  from safetensors import SafetensorError, safe_open
+  from safetensors.numpy import load_file
+  path = os.path.join(model_dir, WEIGHTS_FILE)
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{model_dir} has no {WEIGHTS_FILE}: not an "
+                            "exported model (python -m bitnet_jax.export)")
+  try:
+    with safe_open(path, "numpy") as f:
+      meta = f.metadata() or {}
+    flat = load_file(path)
+  except (SafetensorError, OSError, ValueError) as e:
+    raise ValueError(f"{path} is truncated or corrupt: {e}") from e
+  if meta.get("format") != "bitnet_jax/1":
+    raise ValueError(f"{path} was not written by bitnet_jax.export")
+  cfg = ModelConfig(**json.loads(meta["model"]))
+  dtypes = json.loads(meta["dtypes"])
+  flat = {k: (v.view(jax.numpy.bfloat16) if dtypes.get(k) == "bfloat16" else v)
+          for k, v in flat.items()}
+  params = unflatten(flat)
+  expected = flatten(param_shapes(cfg))
+  missing = sorted(set(expected) - set(flat))
+  extra = sorted(set(flat) - set(expected))
+  if missing or extra:
+    raise ValueError(f"{path} does not match its model config: missing "
+                     f"{missing[:5]}, unexpected {extra[:5]}")
+  for k, want in expected.items():
+    if flat[k].shape != want.shape:
+      raise ValueError(f"{path}: {k} has shape {flat[k].shape}, the config "
+                       f"needs {want.shape}")
+  return cfg, params
+
+
+FLAGS = flags.FLAGS
+
+
+def define_flags() -> None:
+  """The CLI's flags (defined only when run as a program, so that the
+  library functions here can be imported next to other CLIs)."""
+  flags.DEFINE_string("workdir", None, "The trained run to export.")
+  flags.DEFINE_integer("step", -1, "Checkpoint step (-1: latest).")
+  flags.DEFINE_string("out", None, "Output directory.")
+  flags.DEFINE_enum("weights", "packed", ["packed", "int8"],
+                    "Linear weights: 2-bit packed (4 per byte) or int8 codes.")
+  flags.DEFINE_enum("dtype", "bfloat16", list(FLOAT_DTYPES),
+                    "Embedding, head and norms.")
+
+
+def main(argv):
+  del argv
+  if not FLAGS.workdir or not FLAGS.out:
+    raise app.UsageError("--workdir and --out are required")
+  from bitnet_jax import pretrained
+  from bitnet_jax.checkpoint import CheckpointError
+  try:
+    pre = pretrained.load(FLAGS.workdir, step=None if FLAGS.step < 0 else FLAGS.step)
+    report = export(pre, FLAGS.out, FLAGS.weights, FLAGS.dtype)
+  except (ValueError, FileNotFoundError, CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  mib = 1 / 2 ** 20
+  print(f"exported step {report['step']} of {FLAGS.workdir} to {FLAGS.out}")
+  print(f"  linear weights: {report['linear_weights']:,} -> "
+        f"{report['linear_bytes'] * mib:.2f} MiB ({FLAGS.weights}) vs "
+        f"{report['linear_bytes_bf16'] * mib:.2f} MiB in bf16 "
+        f"(ratio {report['linear_ratio_to_bf16']:.3f})")
+  print(f"  embedding, head, norms ({FLAGS.dtype}): {report['other_bytes'] * mib:.2f} MiB;"
+        f" file {report['file_bytes'] * mib:.2f} MiB")
+
+
+if __name__ == "__main__":
+  define_flags()
+  app.run(main)

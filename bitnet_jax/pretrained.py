@@ -1,0 +1,103 @@
+"""A trained run, loaded for evaluation, analysis and generation.
+
+`load(workdir)` reads the run's `config.json`, its tokenizer and the params of
+its latest (or a given) checkpoint step; the optimizer state is not read.
+Model settings that do not change parameter shapes can be overridden at load
+time, e.g. `q_bits=4, kv_bits=3` to evaluate with low-bit attention states
+(Tables 2-3) or `act_bits=4`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import orbax.checkpoint as ocp
+
+from bitnet_jax import checkpoint as ckpt_lib
+from bitnet_jax import tokenizer as tokenizer_lib
+from bitnet_jax.model import ModelConfig, Transformer, param_shapes
+from bitnet_jax.train_step import token_nll
+
+OVERRIDABLE = ("act_bits", "q_bits", "kv_bits", "hadamard_block_size",
+               "attention_impl", "dtype")
+
+
+def run_config(workdir: str) -> ml_collections.ConfigDict:
+  path = os.path.join(workdir, "config.json")
+  if not os.path.exists(path):
+    raise FileNotFoundError(f"{workdir} has no config.json: not a bitnet_jax "
+                            "run directory (or pass its config explicitly)")
+  with open(path) as f:
+    return ml_collections.ConfigDict(json.load(f))
+
+
+@dataclasses.dataclass
+class Pretrained:
+  config: ml_collections.ConfigDict
+  model_cfg: ModelConfig
+  params: Any
+  tokenizer: tokenizer_lib.Tokenizer
+  step: int
+  workdir: str
+
+  @functools.cached_property
+  def model(self) -> Transformer:
+    return Transformer(self.model_cfg)
+
+  def with_model(self, **overrides) -> "Pretrained":
+    """The same weights under other shape-preserving model settings."""
+    bad = set(overrides) - set(OVERRIDABLE)
+    if bad:
+      raise ValueError(f"cannot override {sorted(bad)} of a trained model; "
+                       f"allowed: {OVERRIDABLE}")
+    return dataclasses.replace(self, model_cfg=self.model_cfg.replace(**overrides))
+
+  @functools.cached_property
+  def scorer(self):
+    """jit: (params, rows [B, W + 1]) -> (logprob [B, W], greedy [B, W]) of
+    each next token; K/V of BOS tokens keep 8 bits when kv_bits is set."""
+    model, bos_id = self.model, self.tokenizer.bos_id
+
+    def score(params, rows):
+      inputs, targets = rows[:, :-1], rows[:, 1:]
+      logits = model.apply({"params": params}, inputs, bos_BL=inputs == bos_id)
+      greedy = jnp.argmax(logits, axis=-1) == targets
+      return -token_nll(logits, targets), greedy
+    return jax.jit(score)
+
+
+def load(workdir: str, *, step: int | None = None,
+         config: ml_collections.ConfigDict | None = None,
+         **overrides) -> Pretrained:
+  """Load a run's params (no optimizer state) and tokenizer."""
+  config = config or run_config(workdir)
+  model_cfg = ModelConfig.from_config(config).replace(remat="none")
+  directory, latest = ckpt_lib.resolve_checkpoint(workdir)
+  step = latest if step is None else step
+  if not (directory / str(step) / "state").exists():
+    raise FileNotFoundError(f"{workdir}: no checkpoint at step {step} (latest "
+                            f"is {latest})")
+  abstract = param_shapes(model_cfg)
+  reader = ckpt_lib.Checkpointer("", read_only=True, directory=str(directory))
+  ckpt_lib.check_param_shapes(reader.saved_params(step), abstract,
+                              f"{directory / str(step)} vs its config")
+  reader.close()
+  device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  item = {"params": abstract}
+  restored = ocp.PyTreeCheckpointer().restore(
+      directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+          item=item, partial_restore=True,
+          restore_args=jax.tree.map(
+              lambda _: ocp.ArrayRestoreArgs(sharding=device), item)))
+  tok_path = config.data.tokenizer or os.path.join(workdir,
+                                                   tokenizer_lib.CACHE_NAME)
+  tokenizer = tokenizer_lib.Tokenizer.load(tok_path)
+  pre = Pretrained(config, model_cfg, restored["params"], tokenizer, step,
+                   workdir)
+  return pre.with_model(**overrides) if overrides else pre

@@ -1,0 +1,96 @@
+"""Perplexity against a naive per-token loop; windows count each token once."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import jax
+import numpy as np
+import pytest
+
+from bitnet_jax import perplexity, pretrained
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.mark.parametrize("n,window,stride", [(2, 8, 8), (9, 8, 8), (30, 8, 8),
+                                             (30, 8, 3), (31, 8, 1), (5, 8, 4)])
+def test_window_plan_scores_every_target_once(n, window, stride):
+  seen = []
+  for begin, first, last in perplexity.window_plan(n, window, stride):
+    assert begin < first <= last <= begin + window  # targets inside the window
+    seen.extend(range(first, last + 1))
+  assert seen == list(range(1, n))
+
+
+def naive_logprobs(pre, tokens, window, stride):
+  """One target at a time, each with the context its window holds: the
+  first window reaching position p starts at k * stride,
+  k = max(0, ceil((p - window) / stride)). (The context is right-padded to
+  the window so one compiled shape serves every call; causal attention keeps
+  the padding out of the scored position.)"""
+  forward = jax.jit(lambda params, ctx: pre.model.apply(
+      {"params": params}, ctx, bos_BL=ctx == pre.tokenizer.bos_id))
+  out = []
+  for p in range(1, len(tokens)):
+    k = max(0, -(-(p - window) // stride))
+    ctx = tokens[k * stride:p]
+    padded = np.zeros((1, window), np.int32)
+    padded[0, :len(ctx)] = ctx
+    logits = forward(pre.params, padded)
+    logp = jax.nn.log_softmax(np.asarray(logits[0, len(ctx) - 1], np.float64))
+    out.append(float(logp[tokens[p]]))
+  return np.asarray(out)
+
+
+@pytest.mark.parametrize("window,stride,qkv", [(32, 32, None), (32, 11, None),
+                                               (16, 5, (4, 3))])
+def test_perplexity_equals_naive_loop(trained_run, window, stride, qkv):
+  pre = pretrained.load(trained_run)
+  if qkv:
+    pre = pre.with_model(q_bits=qkv[0], kv_bits=qkv[1])
+  docs = ["the good life", "Document 7: " + " ".join(["state of the world"] * 12)]
+  tokens = [perplexity.document_tokens(pre.tokenizer, d) for d in docs]
+  assert len(tokens[1]) > 2 * window  # several windows
+  naive = [naive_logprobs(pre, t, window, stride) for t in tokens]
+  lps, _ = perplexity.target_logprobs(pre, tokens, window, stride, batch_size=3)
+  for got, want in zip(lps, naive):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+  result = perplexity.perplexity(pre, docs, window, stride, batch_size=3)
+  total = -sum(w.sum() for w in naive)
+  assert result["tokens"] == sum(len(t) - 1 for t in tokens)
+  assert result["nll"] == pytest.approx(total / result["tokens"], rel=1e-4)
+  assert result["ppl"] == pytest.approx(np.exp(total / result["tokens"]), rel=1e-4)
+
+
+def test_cli_writes_json(trained_run, tmp_path):
+  out = tmp_path / "ppl.json"
+  subprocess.run([sys.executable, "-m", "bitnet_jax.evaluate",
+                  f"--workdir={trained_run}", f"--out={out}", "--stride=16",
+                  "--kv_bits=4", "--q_bits=4"],
+                 check=True, cwd=ROOT, capture_output=True, timeout=300,
+                 env=dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=""))
+  result = json.loads(out.read_text())
+  assert result["window"] == 32 and result["stride"] == 16
+  assert result["model"] == {"q_bits": 4, "kv_bits": 4}
+  assert np.isfinite(result["ppl"]) and result["tokens"] > 100
+
+
+def test_bad_runs_are_clear_errors(trained_run, tmp_path):
+  with pytest.raises(FileNotFoundError, match="no config.json"):
+    pretrained.load(str(tmp_path))
+  bare = tmp_path / "bare"
+  bare.mkdir()
+  shutil.copy(os.path.join(trained_run, "config.json"), bare / "config.json")
+  with pytest.raises(FileNotFoundError, match="no checkpoint found"):
+    pretrained.load(str(bare))
+  wrong = tmp_path / "wrong"
+  shutil.copytree(trained_run, wrong)
+  config = json.loads((wrong / "config.json").read_text())
+  config["model"]["d_ff"] = 128
+  (wrong / "config.json").write_text(json.dumps(config))
+  with pytest.raises(ValueError, match=r"ffn/down/kernel has shape \(2, 64, 32\)"):
+    pretrained.load(str(wrong))
+  with pytest.raises(ValueError, match="cannot override"):
+    pretrained.load(trained_run).with_model(d_model=64)
