@@ -7,6 +7,10 @@ Sections (--only=a,b to pick):
   quant      each quantizer vs the same elementwise pass
   train      the tiny config's train step of every variant vs the `fp` step
   data       the pipeline's tokens/s (both packings) vs the tiny trainer's
+  decode     exported ternary model (int8 codes; 2-bit packed) vs the same
+             size float model in bf16: decode tokens/s at batch 1, 8, 64
+             (16 cached steps per call), prefill tokens/s, and the compiled
+             step's memory (arguments + temporaries)
 A benchmark is not a test: nothing here asserts a speed.
 """
 from __future__ import annotations
@@ -137,11 +141,95 @@ def bench_data(rounds: int, small: bool):
   return rows, "x trainer", "tokens/s"
 
 
+def _decode_models(small: bool):
+  """(name -> (ModelConfig, params)) for the decode bench: one random v2 model
+  exported as int8 codes and as packed codes, and the fp model of the same
+  size with bf16 weights."""
+  import flax.linen as nn
+  from bitnet_jax import export
+  from bitnet_jax.model import ModelConfig, Transformer
+  dims = (dict(d_model=128, d_ff=384, num_heads=2, num_layers=2) if small else
+          dict(d_model=1024, d_ff=3072, num_heads=8, num_layers=4))
+  base = ModelConfig(vocab_size=4096, max_len=256, dtype="bfloat16", **dims)
+  tokens = jnp.zeros((1, 8), jnp.int32)
+  latent = nn.meta.unbox(jax.jit(Transformer(base).init)(jax.random.PRNGKey(0),
+                                                         tokens)["params"])
+  models = {}
+  for weights in ("int8", "packed"):
+    models[f"ternary {weights}"] = (base.replace(weights=weights),
+                                    export.inference_params(latent, base, weights))
+  fp = base.replace(variant="fp")
+  fp_params = nn.meta.unbox(jax.jit(Transformer(fp).init)(jax.random.PRNGKey(0),
+                                                          tokens)["params"])
+  models["bf16"] = (fp, jax.tree.map(lambda p: p.astype(jnp.bfloat16), fp_params))
+  return models
+
+
+def _decoder_fn(cfg, batch: int, steps: int, prompt: int):
+  from bitnet_jax.model import Transformer
+  model = Transformer(cfg, decode_len=prompt + steps)
+
+  def prefill(params, tokens):
+    return model.apply({"params": params}, tokens, mutable=["cache"])[1]["cache"]
+
+  def decode(params, cache, token):
+    def step(carry, _):
+      cache, token, pos = carry
+      logits, state = model.apply({"params": params, "cache": cache},
+                                  token[:, None], pos[:, None], mutable=["cache"])
+      return (state["cache"], jnp.argmax(logits[:, 0], -1).astype(jnp.int32),
+              pos + 1), None
+    pos = jnp.full((batch,), prompt, jnp.int32)
+    (cache, token, _), _ = jax.lax.scan(step, (cache, token, pos), None,
+                                        length=steps)
+    return token
+  return jax.jit(prefill), jax.jit(decode)
+
+
+def bench_decode(rounds: int, small: bool):
+  models = _decode_models(small)
+  steps, prompt = 16, 32
+  rows = []
+  for batch in ((1, 8) if small else (1, 8, 64)):
+    fns, memory = {}, {}
+    for name, (cfg, params) in models.items():
+      params = jax.device_put(params)
+      prefill, decode = _decoder_fn(cfg, batch, steps, prompt)
+      tokens = jnp.ones((batch, prompt), jnp.int32)
+      cache = jax.block_until_ready(prefill(params, tokens))
+      token = jnp.ones((batch,), jnp.int32)
+      fns[name] = functools.partial(decode, params, cache, token)
+      stats = decode.lower(params, cache, token).compile().memory_analysis()
+      memory[name] = (stats.argument_size_in_bytes + stats.temp_size_in_bytes
+                      if stats is not None else float("nan"))
+    t = time_interleaved(fns, rounds)
+    base = batch * steps / t["bf16"]
+    for name in models:
+      rate = batch * steps / t[name]
+      rows.append((f"decode batch {batch}", name, rate, rate / base))
+      rows.append((f"decode batch {batch}", f"{name}: memory MiB",
+                   memory[name] / 2 ** 20, memory[name] / memory["bf16"]))
+  fns = {}
+  batch, length = (2, 64) if small else (8, 256)
+  tokens = jnp.ones((batch, length), jnp.int32)
+  for name, (cfg, params) in models.items():
+    from bitnet_jax.model import Transformer
+    forward = jax.jit(Transformer(cfg).apply)
+    fns[name] = functools.partial(forward, {"params": jax.device_put(params)}, tokens)
+  t = time_interleaved(fns, rounds)
+  for name in models:
+    rate = batch * length / t[name]
+    rows.append((f"prefill [{batch}, {length}]", name, rate,
+                 rate / (batch * length / t["bf16"])))
+  return rows, "x bf16", "tokens/s (MiB)"
+
+
 SECTIONS: dict[str, Callable] = {
     "hadamard": bench_hadamard,
     "quant": bench_quant,
     "train": bench_train,
     "data": bench_data,
+    "decode": bench_decode,
 }
 
 

@@ -6,7 +6,8 @@ from bitnet_jax import bench
 
 
 @pytest.mark.parametrize("section", [
-    "hadamard", "quant", pytest.param("train", marks=pytest.mark.slow)])
+    "hadamard", "quant", pytest.param("train", marks=pytest.mark.slow),
+    pytest.param("decode", marks=pytest.mark.slow)])
 def test_bench_section_produces_rows(section):
   rows = bench.SECTIONS[section](rounds=1, small=True)
   if isinstance(rows, tuple):
