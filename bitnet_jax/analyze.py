@@ -8,8 +8,9 @@ layers also the input before the Hadamard -- summarized by
   python -m bitnet_jax.analyze --workdir=RUN --out=/tmp/acts
   python -m bitnet_jax.analyze --workdir=B158_RUN,V2_RUN --out=/tmp/acts
 
-writes DIR/summary.json ({run: {"layer{i}/{site}/{stage}": stats}}, stage
-`input` = the quantizer's input, `pre_rotation` = before the Hadamard) and one
+writes DIR/summary.json ({"data": ..., "runs": {run: {"layer{i}/{site}/{stage}":
+stats}}}, stage `input` = the quantizer's input, `pre_rotation` = before the
+Hadamard) and one
 PNG per layer and site: histograms with log-scaled counts, the runs side by
 side (e.g. BitNet b1.58's W_down input next to BitNet v2's before and after
 the Hadamard). The text is the first run's held-out split by default
