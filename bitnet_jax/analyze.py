@@ -97,6 +97,7 @@ def write_figures(out_dir: str, runs: dict[str, dict]) -> list[str]:
   for key in keys:
     panels = [(label, stage, stats[f"{key}/{stage}"]) for label, stats in runs.items()
               for stage in STAGES if f"{key}/{stage}" in stats]
+    rotated = {label for label, stage, _ in panels if stage == "pre_rotation"}
     fig, axes = plt.subplots(1, len(panels), figsize=(4 * len(panels), 3),
                              dpi=100, squeeze=False)
     layer, site = key.split("/")
@@ -106,8 +107,7 @@ def write_figures(out_dir: str, runs: dict[str, dict]) -> list[str]:
       ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge")
       ax.set_yscale("log")
       where = {"pre_rotation": "before Hadamard",
-               "input": "after Hadamard" if any(p[1] == "pre_rotation" and p[0] == label
-                                                for p in panels) else "input"}[stage]
+               "input": "after Hadamard" if label in rotated else "input"}[stage]
       ax.set_title(f"{label}\n{titles[site]} {where}", fontsize=8)
       ax.set_xlabel(f"kurtosis {float(s['kurtosis']):.1f}, "
                     f"max/mean {float(s['max_over_mean']):.1f}", fontsize=7)

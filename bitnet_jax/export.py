@@ -32,7 +32,7 @@ from bitnet_jax import packing
 from bitnet_jax import quant
 from bitnet_jax.activation_stats import SITES
 from bitnet_jax.layers import rotate_input_axis
-from bitnet_jax.model import ModelConfig, param_shapes
+from bitnet_jax.model import ModelConfig, linear_rotation, param_shapes
 
 WEIGHTS_FILE = "model.safetensors"
 FLOAT_DTYPES = {"bfloat16": jax.numpy.bfloat16, "float32": np.float32}
@@ -40,11 +40,6 @@ FLOAT_DTYPES = {"bfloat16": jax.numpy.bfloat16, "float32": np.float32}
 
 def _is_linear(path: tuple[str, ...]) -> bool:
   return len(path) >= 2 and path[-1] == "kernel" and path[-2] in SITES
-
-
-def _rotates_weight(cfg: ModelConfig, site: str) -> bool:
-  return (cfg.variant == "v2" and cfg.hadamard == "weight_and_activation"
-          and site in ("o", "down"))
 
 
 def ternary_tensor(kernel, rotate: bool, block: int, layered: bool):
@@ -72,8 +67,9 @@ def inference_params(params, cfg: ModelConfig, weights: str = "packed",
       target = target.setdefault(k, {})
     layered = keys[0] == "layers"
     if _is_linear(keys):
-      codes, scale = ternary_tensor(leaf, _rotates_weight(cfg, keys[-2]),
-                                    cfg.hadamard_block_size, layered)
+      rotate = linear_rotation(cfg, keys[-2]) == "weight_and_activation"
+      codes, scale = ternary_tensor(leaf, rotate, cfg.hadamard_block_size,
+                                    layered)
       layer = target.setdefault(keys[-2], {})
       layer["scale"] = scale
       if weights == "packed":

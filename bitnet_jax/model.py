@@ -165,9 +165,17 @@ def make_linear(cfg: ModelConfig, role: str, features, kernel_axes,
                     weights=cfg.weights)
     return BitLinear(quant=q, **bit_common)
   q = QuantConfig(act_bits=bits, hadamard_block_size=block, weights=cfg.weights)
-  if cfg.variant == "v2" and intermediate and cfg.hadamard != "none":
-    return HBitLinear(quant=q, rotation=cfg.hadamard, **bit_common)
+  rotation = linear_rotation(cfg, role)
+  if rotation != "none":
+    return HBitLinear(quant=q, rotation=rotation, **bit_common)
   return BitLinear(quant=q, **bit_common)
+
+
+def linear_rotation(cfg: ModelConfig, role: str) -> str:
+  """The rotation flag of a projection: H-BitLinear for W_o and W_down of v2."""
+  if cfg.variant == "v2" and role in ("o", "down"):
+    return cfg.hadamard
+  return "none"
 
 
 def apply_rope(x_BLNE: jax.Array, positions_BL: jax.Array,

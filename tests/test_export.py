@@ -14,7 +14,7 @@ from bitnet_jax import export, packing, pretrained
 from bitnet_jax.layers import BitLinear, QuantConfig, integer_matmul
 from bitnet_jax.model import ModelConfig, Transformer
 
-from np_reference import np_ternary
+from np_reference import np_hadamard, np_ternary
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -118,16 +118,26 @@ def test_integer_model_equals_fake_quant(trained_run, b158_run, run, act_bits,
   np.testing.assert_array_equal(got.argmax(-1), fake.argmax(-1))
 
 
-def test_codes_are_the_training_graph_ternary_weights():
-  cfg = tiny("v2", 8)
+@pytest.mark.parametrize("hadamard", ["activation", "weight_and_activation"])
+def test_codes_are_the_training_graph_ternary_weights(hadamard):
+  """Codes of W_down per layer = absmean ternary (Eq. 1-2) in float64 of W,
+  or of H W for the Table 5 weight-and-activation rotation."""
+  cfg = tiny("v2", 8, hadamard=hadamard)
   params = trained_like(cfg)
   exported = export.inference_params(params, cfg, "packed", "float32")
   for layer in range(2):
     w = np.asarray(params["layers"]["ffn"]["down"]["kernel"][layer], np.float64)
-    codes, scale, _ = np_ternary(w)
+    if hadamard == "weight_and_activation":
+      w = np_hadamard(w.shape[0]) @ w  # rotate the input axis
+    codes, scale, pre = np_ternary(w)
     got = packing.unpack_ternary(exported["layers"]["ffn"]["down"]["packed"][layer],
                                  w.shape, xp=np)
-    np.testing.assert_array_equal(got, codes)
+    if hadamard == "activation":
+      np.testing.assert_array_equal(got, codes)
+    else:  # the f32 fwht may flip a value sitting on a rounding boundary
+      differ = got != codes
+      assert np.all(np.abs(np.abs(pre[differ]) - 0.5) < 1e-4)
+      assert differ.mean() < 1e-3
     assert exported["layers"]["ffn"]["down"]["scale"][layer] == pytest.approx(scale, rel=1e-6)
 
 
