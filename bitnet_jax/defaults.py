@@ -59,6 +59,8 @@ def base_config() -> ml_collections.ConfigDict:
   q.topk_ratio_down = 0.0          # a4.8 at 4 bits: W_down top-K share; 0 = off
   q.q_bits = 0                     # post-RoPE query bits (Tables 2-3); 0 = off
   q.kv_bits = 0                    # post-RoPE key/value bits; 0 = off
+  q.ptq_rotation = ""              # set by `bitnet_jax.ptq`: "" | random_hadamard | learned
+  q.ptq_fused = True               # ptq: rotation fused into W_qkv, W_up,gate too
 
   o = c.opt = ml_collections.ConfigDict()
   o.lr = 1.5e-3                    # stage-1 peak learning rate (Table 9, left)

@@ -39,6 +39,8 @@ class QuantConfig:
   Attributes:
     ternary_weights: absmean ternary weights (Eq. 1-2); False keeps them float.
     act_bits: 8 (Eq. 5), 4 (Eq. 6) or None (float activations).
+    int4_scale: 'absmean' (Eq. 6, BitNet v2) or 'absmax' (the 4-bit
+      activations of the post-training rotation baselines, Sec. 3.2).
     topk_ratio: keep this share of each token's largest entries before the
       activation quantizer (BitNet a4.8's sparsified intermediate states).
     hadamard_block_size: block size handed to `fwht` by rotating layers.
@@ -50,6 +52,7 @@ class QuantConfig:
   """
   ternary_weights: bool = True
   act_bits: int | None = 8
+  int4_scale: str = "absmean"
   topk_ratio: float | None = None
   hadamard_block_size: int = hadamard.DEFAULT_BLOCK_SIZE
   weights: str = "latent"
@@ -57,6 +60,11 @@ class QuantConfig:
   def __post_init__(self):
     if self.act_bits not in (8, 4, None):
       raise ValueError(f"act_bits must be 8, 4 or None, got {self.act_bits!r}")
+    if self.int4_scale not in quantizers.INT4_SCALES:
+      raise ValueError(f"int4_scale must be one of {quantizers.INT4_SCALES}, "
+                       f"got {self.int4_scale!r}")
+    if self.weights != "latent" and self.int4_scale != "absmean":
+      raise ValueError("integer weights support the absmean INT4 of Eq. 6 only")
     if self.weights not in WEIGHT_FORMS:
       raise ValueError(f"weights must be one of {WEIGHT_FORMS}, got "
                        f"{self.weights!r}")
@@ -171,7 +179,7 @@ class BitLinear(nn.Module):
     self.sow("intermediates", "quant_input", x)
     if cfg.topk_ratio is not None:
       x = quantizers.sparsify_topk(x, cfg.topk_ratio)
-    x = quantizers.quantize_activations(x, cfg.act_bits)
+    x = quantizers.quantize_activations(x, cfg.act_bits, cfg.int4_scale)
     self.sow("intermediates", "quantized_input", x)
     if self.rotation == "weight_and_activation":
       w = rotate_input_axis(w, cfg.hadamard_block_size)

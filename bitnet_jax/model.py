@@ -9,7 +9,11 @@ Variants (chosen by ModelConfig.variant, never by copies of the model):
           W_up,gate and top-K sparsified 8-bit inputs to W_o (and W_down).
 `act_bits` (8 or 4) is the global activation width the a8 -> a4 switch flips;
 `hadamard` ('none' | 'activation' | 'weight_and_activation') is the Table 5
-ablation of the v2 rotation.
+ablation of the v2 rotation. `ptq_rotation` ('random_hadamard' | 'learned')
+turns a b1.58 model into a post-training rotation baseline (QuaRot /
+SpinQuant, Table 4; see rotated_linear.py and ptq.py). `quantized=False`
+computes everything in float (latent weights, float activations): the
+numerical reference of the rotation tests.
 
 Shape letters used in names: B batch, L query length, S key length, D d_model,
 H query heads, K kv heads, G query heads per kv head (H = K G), E head dim,
@@ -28,6 +32,7 @@ import jax.numpy as jnp
 from bitnet_jax import hadamard as hadamard_lib
 from bitnet_jax import packing
 from bitnet_jax import quant as quant_lib
+from bitnet_jax import rotated_linear
 from bitnet_jax.layers import (WEIGHT_FORMS, BitLinear, HBitLinear, Linear,
                                QuantConfig, RMSNorm)
 
@@ -72,6 +77,9 @@ class ModelConfig:
   tie_embeddings: bool = False
   attention_impl: str | None = None   # None (backend's best), 'xla', 'cudnn'
   weights: str = "latent"             # 'int8' / 'packed': exported inference
+  ptq_rotation: str = "none"          # b1.58 PTQ: random_hadamard | learned
+  ptq_fused: bool = True              # PTQ: rotation fused into W_qkv, W_up,gate
+  quantized: bool = True              # False: float weights and activations
 
   def __post_init__(self):
     def bad(field, msg):
@@ -91,6 +99,20 @@ class ModelConfig:
       bad("weights", f"must be one of {WEIGHT_FORMS}, got {self.weights!r}")
     if self.weights != "latent" and self.variant == "fp":
       bad("weights", "the fp baseline has no ternary weights to export")
+    if self.ptq_rotation not in ("none",) + rotated_linear.KINDS:
+      bad("ptq_rotation", f"must be none or one of {rotated_linear.KINDS}, got "
+          f"{self.ptq_rotation!r}")
+    if self.ptq_rotation != "none":
+      if self.variant != "b1.58":
+        bad("ptq_rotation", "the rotation baselines quantize a b1.58 model")
+      if self.weights != "latent":
+        bad("weights", "the rotation baselines run on latent weights")
+      if self.ptq_rotation == "random_hadamard":
+        for field in ("d_model", "d_ff"):
+          try:
+            hadamard_lib.check_size(getattr(self, field))
+          except ValueError as e:
+            bad(field, f"a random Hadamard rotation needs a Hadamard size: {e}")
     if self.remat not in REMAT_POLICIES:
       bad("remat", f"must be one of {tuple(REMAT_POLICIES)}, got {self.remat!r}")
     if self.dtype not in DTYPES:
@@ -144,7 +166,9 @@ class ModelConfig:
         rope_theta=m.rope_theta, norm_eps=m.norm_eps, init_std=m.init_std,
         dtype=m.dtype, scan_layers=m.scan_layers, remat=m.remat,
         tie_embeddings=m.tie_embeddings,
-        attention_impl=m.attention_impl or None)
+        attention_impl=m.attention_impl or None,
+        ptq_rotation=q.get("ptq_rotation", "") or "none",
+        ptq_fused=q.get("ptq_fused", True))
 
 
 def make_linear(cfg: ModelConfig, role: str, features, kernel_axes,
@@ -159,6 +183,20 @@ def make_linear(cfg: ModelConfig, role: str, features, kernel_axes,
   block = cfg.hadamard_block_size
   intermediate = role in ("o", "down")
   bit_common = dict(common, norm_eps=cfg.norm_eps)
+  if cfg.ptq_rotation != "none":
+    q = (QuantConfig(act_bits=bits, int4_scale="absmax",
+                     hadamard_block_size=block) if cfg.quantized else
+         QuantConfig.off())
+    # Table 4: only W_qkv and W_up,gate give up the fusion; W_o and W_down
+    # keep the rotation fused into their ternary weights.
+    return rotated_linear.RotatedBitLinear(
+        kind=cfg.ptq_rotation, fused=cfg.ptq_fused or intermediate, quant=q,
+        **bit_common)
+  if not cfg.quantized:
+    rotation = linear_rotation(cfg, role)
+    if rotation != "none":
+      return HBitLinear(quant=QuantConfig.off(), rotation=rotation, **bit_common)
+    return BitLinear(quant=QuantConfig.off(), **bit_common)
   if cfg.variant == "a4.8" and bits == 4 and intermediate:
     ratio = cfg.topk_ratio_o if role == "o" else cfg.topk_ratio_down
     q = QuantConfig(act_bits=8, topk_ratio=ratio, hadamard_block_size=block,

@@ -5,13 +5,16 @@ Fake-quantizers (return the dequantized value, identity gradient via
   quantize_weights_ternary(w)    Eq. 1-2: per-tensor absmean, alpha * {-1, 0, 1}
   quantize_activations_int8(x)   Eq. 5: per-token (last axis) absmax, [-128, 127]
   quantize_activations_int4(x)   Eq. 6: per-token absmean, scale sqrt(7)/beta, [-8, 7]
+  quantize_activations_int4_absmax(x)
+                                 per-token absmax, scale 7/gamma, [-8, 7]: the
+                                 4-bit quantizer of the PTQ baselines (Sec. 3.2)
   sparsify_topk(x, ratio)        BitNet a4.8: keep the top-K |x| of each token
   quantize_heads(x, bits)        Tables 2-3: post-RoPE Q/K/V states, per token
                                  and head, absmax onto unsigned b-bit levels
 
 Integer forms return (int8 codes, float32 scale) whose product is exactly the
 fake-quantized value (in float32):
-  ternary_codes(w), int8_codes(x), int4_codes(x)
+  ternary_codes(w), int8_codes(x), int4_codes(x), int4_absmax_codes(x)
 and head_codes(x, bits) returns (uint8 codes, scale, offset) with
 fake = codes * scale - offset.
 
@@ -64,6 +67,14 @@ def int4_codes(x: jax.Array) -> tuple[jax.Array, jax.Array]:
   return codes.astype(jnp.int8), beta / SQRT7
 
 
+def int4_absmax_codes(x: jax.Array) -> tuple[jax.Array, jax.Array]:
+  """Per-token absmax INT4: codes in [-8, 7] and scales gamma / 7 ([..., 1])."""
+  x32 = x.astype(jnp.float32)
+  gamma = jnp.max(jnp.abs(x32), axis=-1, keepdims=True)
+  codes = _round_clip(x32 * (7.0 / (gamma + EPS)), -8, 7)
+  return codes.astype(jnp.int8), gamma / 7.0
+
+
 # ---------------------------------------------------------------------------
 # Straight-through fake quantizers.
 
@@ -93,6 +104,9 @@ quantize_activations_int8 = _straight_through(int8_codes)
 quantize_activations_int8.__name__ = "quantize_activations_int8"
 quantize_activations_int4 = _straight_through(int4_codes)
 quantize_activations_int4.__name__ = "quantize_activations_int4"
+quantize_activations_int4_absmax = _straight_through(int4_absmax_codes)
+quantize_activations_int4_absmax.__name__ = "quantize_activations_int4_absmax"
+INT4_SCALES = ("absmean", "absmax")
 
 
 def topk_count(width: int, ratio: float) -> int:
@@ -152,13 +166,20 @@ def sparsify_topk(x: jax.Array, ratio: float) -> jax.Array:
   return _sparsify(x, jax.lax.stop_gradient(_topk_mask(x, k)))
 
 
-def quantize_activations(x: jax.Array, bits: int | None) -> jax.Array:
-  """Dispatch on activation bits: 8 (Eq. 5), 4 (Eq. 6) or None (identity)."""
+def quantize_activations(x: jax.Array, bits: int | None,
+                         int4_scale: str = "absmean") -> jax.Array:
+  """Dispatch on activation bits: 8 (Eq. 5), 4 (Eq. 6, or absmax with
+  int4_scale='absmax') or None (identity)."""
   if bits is None:
     return x
   if bits == 8:
     return quantize_activations_int8(x)
   if bits == 4:
+    if int4_scale == "absmax":
+      return quantize_activations_int4_absmax(x)
+    if int4_scale != "absmean":
+      raise ValueError(f"int4_scale must be one of {INT4_SCALES}, got "
+                       f"{int4_scale!r}")
     return quantize_activations_int4(x)
   raise ValueError(f"activation bits must be 8, 4 or None, got {bits!r}")
 

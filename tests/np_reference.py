@@ -125,6 +125,14 @@ def np_int4(x):
   return np_roundclip(pre, -8, 7), beta / math.sqrt(7), pre
 
 
+def np_int4_absmax(x):
+  """Per-token absmax INT4 of the PTQ baselines (Sec. 3.2)."""
+  x = np.asarray(x, np.float64)
+  gamma = np.max(np.abs(x), axis=-1, keepdims=True)
+  pre = 7.0 / (gamma + EPS) * x
+  return np_roundclip(pre, -8, 7), gamma / 7.0, pre
+
+
 
 
 def np_rmsnorm(x, scale, eps):

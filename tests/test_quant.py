@@ -7,7 +7,7 @@ import pytest
 
 from bitnet_jax import quant
 
-from np_reference import np_int4, np_int8, np_ternary
+from np_reference import np_int4, np_int4_absmax, np_int8, np_ternary
 
 
 def inputs():
@@ -47,14 +47,20 @@ def test_ternary_matches_eq1(name):
   np.testing.assert_allclose(fake, ref_codes * ref_alpha, rtol=1e-5, atol=1e-6)
 
 
+ACTIVATION_FORMS = {  # name: (codes, fake quantizer, float64 reference)
+    8: (quant.int8_codes, quant.quantize_activations_int8, np_int8),
+    4: (quant.int4_codes, quant.quantize_activations_int4, np_int4),
+    "4absmax": (quant.int4_absmax_codes, quant.quantize_activations_int4_absmax,
+                np_int4_absmax),
+}
+
+
 @pytest.mark.parametrize("name", ["gauss", "heavy", "edge"])
-@pytest.mark.parametrize("bits", [8, 4])
+@pytest.mark.parametrize("bits", [8, 4, "4absmax"])
 def test_activations_match_eq5_eq6(name, bits):
   x = inputs()[name].astype(np.float32)
-  int_form = quant.int8_codes if bits == 8 else quant.int4_codes
-  fake_fn = (quant.quantize_activations_int8 if bits == 8 else
-             quant.quantize_activations_int4)
-  ref_codes, ref_scale, pre = (np_int8 if bits == 8 else np_int4)(x)
+  int_form, fake_fn, reference = ACTIVATION_FORMS[bits]
+  ref_codes, ref_scale, pre = reference(x)
   codes, scale = int_form(jnp.asarray(x))
   lo, hi = (-128, 127) if bits == 8 else (-8, 7)
   assert codes.dtype == jnp.int8 and scale.shape == (x.shape[0], 1)
@@ -68,6 +74,10 @@ def test_activations_match_eq5_eq6(name, bits):
   np.testing.assert_array_equal(fake, np.asarray(codes, np.float32) * np.asarray(scale))
   np.testing.assert_allclose(fake, ref_codes * ref_scale, rtol=1e-5, atol=1e-7)
   assert np.isfinite(np.asarray(fake)).all()
+  dispatch = quant.quantize_activations(
+      jnp.asarray(x), 8 if bits == 8 else 4,
+      "absmax" if bits == "4absmax" else "absmean")
+  np.testing.assert_array_equal(dispatch, fake)
 
 
 def test_edge_cases():
@@ -106,6 +116,7 @@ def test_bfloat16_input(bits):
 @pytest.mark.parametrize("fn", [quant.quantize_weights_ternary,
                                 quant.quantize_activations_int8,
                                 quant.quantize_activations_int4,
+                                quant.quantize_activations_int4_absmax,
                                 lambda v: quant.sparsify_topk(v, 0.5)])
 def test_gradients_are_identity(fn):
   x = jnp.asarray(inputs()["heavy"][:8], jnp.float32)

@@ -1,0 +1,381 @@
+"""`python -m bitnet_jax.ptq`: post-training rotation baselines (Table 4).
+
+Quantizes a trained BitNet b1.58 run to ternary weights and 4-bit activations
+the way the paper's baselines do (Sec. 3.2):
+
+  --method=quarot     a random Hadamard rotation R = diag(s) H (s = +-1) of
+                      the input of every projection (W_qkv, W_o, W_up,gate,
+                      W_down), applied online with `fwht`;
+  --method=spinquant  the rotations learned on a calibration set (the paper:
+                      800 samples) by Cayley SGD on the orthogonal group,
+                      starting from the QuaRot rotations, minimising the
+                      quantized model's next-token loss (straight-through).
+
+Weights stay absmean ternary (no GPTQ), activations are quantized per token
+with absmax at 4 bits (--act_bits), each projection keeps its RMSNorm scale
+(not fused). --fuse_rotation (or --fuse-rotation) stores Q_w(R^T W) for every
+projection; without it W_qkv and W_up,gate compute Q_x(x R) R^T Q_w(W) (their
+rotation undone in float: W16A4) while W_o and W_down stay fused.
+
+The output directory is a run like any other: config.json, tokenizer.model,
+checkpoints/<step>/state (params only) and ptq.json (method, calibration
+losses), so `python -m bitnet_jax.evaluate --workdir=OUT` scores it.
+
+  python -m bitnet_jax.ptq --method=quarot --workdir=RUN --out=RUN_quarot
+  python -m bitnet_jax.ptq --method=spinquant --workdir=RUN --out=RUN_spin \
+      --calib_source=text --calib_paths=wikitext2_train.txt --fuse-rotation
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+import types
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from bitnet_jax import rotated_linear
+from bitnet_jax.model import ModelConfig, Transformer, param_shapes
+from bitnet_jax.train_step import token_nll
+
+METHODS = {"quarot": "random_hadamard", "spinquant": "learned"}
+# (block, projection, role) of every quantized projection of a block.
+PROJECTIONS = (("attn", "qkv", "qkv"), ("attn", "o", "o"),
+               ("ffn", "up_gate", "up_gate"), ("ffn", "down", "down"))
+
+
+def linear_slots(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str]]:
+  """(path of the projection's params, role) for every rotated projection;
+  with scan_layers the arrays under a path carry a leading layer axis."""
+  prefixes = [("layers",)] if cfg.scan_layers else [
+      (f"layer_{i}",) for i in range(cfg.num_layers)]
+  return [(p + (blk, name), role) for p in prefixes
+          for blk, name, role in PROJECTIONS]
+
+
+def _get(tree, path):
+  for key in path:
+    tree = tree[key]
+  return tree
+
+
+def _set(tree, path, value):
+  """A copy of the nested dict `tree` with tree[path] = value."""
+  if not path:
+    return value
+  out = dict(tree)
+  out[path[0]] = _set(tree[path[0]], path[1:], value)
+  return out
+
+
+def _over_layers(fn, cfg: ModelConfig):
+  return jax.vmap(fn) if cfg.scan_layers else fn
+
+
+def ptq_config(cfg: ModelConfig, method: str, fuse: bool,
+               act_bits: int = 4) -> ModelConfig:
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
+  if cfg.variant != "b1.58":
+    raise ValueError(f"the rotation baselines quantize a BitNet b1.58 run; this "
+                     f"run's variant is {cfg.variant!r}")
+  return cfg.replace(ptq_rotation=METHODS[method], ptq_fused=fuse,
+                     act_bits=act_bits, weights="latent")
+
+
+def quarot_signs(cfg: ModelConfig, seed: int = 0) -> dict:
+  """Random +-1 diagonals, one per projection and layer: {path: signs}."""
+  key = jax.random.PRNGKey(seed)
+  out = {}
+  for i, (path, role) in enumerate(linear_slots(cfg)):
+    n = cfg.d_ff if role == "down" else cfg.d_model
+    k = jax.random.fold_in(key, i)
+    if cfg.scan_layers:
+      out[path] = jax.vmap(lambda kk: rotated_linear.random_signs(kk, n))(
+          jax.random.split(k, cfg.num_layers))
+    else:
+      out[path] = rotated_linear.random_signs(k, n)
+  return out
+
+
+def dense_rotations(cfg: ModelConfig, signs: dict) -> dict:
+  """The dense R = diag(s) H of each QuaRot rotation (SpinQuant's start)."""
+  dense = _over_layers(lambda s: rotated_linear.hadamard_matrix(
+      s, cfg.hadamard_block_size), cfg)
+  return {path: dense(s) for path, s in signs.items()}
+
+
+def rotate_params(params, cfg: ModelConfig, rotations: dict):
+  """The b1.58 params as params of the PTQ model `cfg`: each projection gains
+  its rotation (signs or dense R) and, where fused, the kernel R^T W."""
+  kind = cfg.ptq_rotation
+  name = "signs" if kind == "random_hadamard" else "rotation"
+  fuse = _over_layers(lambda w, r: rotated_linear.fuse_kernel(
+      w, kind, r, cfg.hadamard_block_size), cfg)
+  out = params
+  for path, role in linear_slots(cfg):
+    linear = dict(_get(params, path))
+    rot = rotations[path]
+    linear[name] = rot
+    if cfg.ptq_fused or role in ("o", "down"):
+      linear["kernel"] = fuse(linear["kernel"], rot)
+    out = _set(out, path, linear)
+  return out
+
+
+# ---------------------------------------------------------------------------
+# SpinQuant: Cayley SGD on the orthogonal group.
+
+
+def cayley_step(r: jax.Array, g: jax.Array, lr: float) -> jax.Array:
+  """One Cayley retraction: A = G R^T - R G^T (skew), R <- (I + lr/2 A)^-1
+  (I - lr/2 A) R. Orthogonal in, orthogonal out; the first-order change
+  -A R = -G + R G^T R is a descent direction. A Newton-Schulz correction
+  R (3 I - R^T R) / 2 then squares the float32 rounding error away, so it
+  does not pile up over many steps."""
+  t = lambda m: jnp.swapaxes(m, -1, -2)
+  a = g @ t(r) - r @ t(g)
+  eye = jnp.eye(r.shape[-1], dtype=r.dtype)
+  half = 0.5 * lr * a
+  r = jnp.linalg.solve(eye + half, (eye - half) @ r)
+  return r @ (1.5 * eye - 0.5 * (t(r) @ r))
+
+
+def orthogonality_error(r: jax.Array) -> float:
+  """max over matrices of the Frobenius norm ||R^T R - I||."""
+  rtr = jnp.swapaxes(r, -1, -2) @ r
+  err = rtr - jnp.eye(r.shape[-1], dtype=r.dtype)
+  return float(jnp.max(jnp.sqrt(jnp.sum(err * err, axis=(-2, -1)))))
+
+
+def make_loss(cfg: ModelConfig, params):
+  """jit-able (rotations, rows [B, W + 1]) -> mean next-token NLL of the
+  quantized PTQ model built from the b1.58 params."""
+  model = Transformer(cfg)
+
+  def loss(rotations, rows):
+    p = rotate_params(params, cfg, rotations)
+    logits = model.apply({"params": p}, rows[:, :-1])
+    return jnp.mean(token_nll(logits, rows[:, 1:]))
+  return loss
+
+
+def mean_loss(loss_fn, rotations, rows: np.ndarray, batch: int) -> float:
+  """Mean of loss_fn over all rows in batches (the last one padded by reuse)."""
+  total, count = 0.0, 0
+  for start in range(0, len(rows), batch):
+    chunk = rows[start:start + batch]
+    n = len(chunk)
+    if n < batch:
+      chunk = np.concatenate([chunk, rows[:batch - n]])
+    value = float(loss_fn(rotations, jnp.asarray(chunk)))
+    total += value * n
+    count += n
+  return total / count
+
+
+def learn_rotations(cfg: ModelConfig, params, rotations: dict,
+                    rows: np.ndarray, steps: int, lr: float, batch: int,
+                    seed: int = 0, log_every: int = 10) -> tuple[dict, dict]:
+  """SpinQuant: Cayley SGD on every dense rotation for `steps` batches of the
+  calibration rows. Returns (rotations, record of losses)."""
+  if cfg.ptq_rotation != "learned":
+    raise ValueError("learn_rotations needs a ptq_rotation='learned' config")
+  if len(rows) < batch:
+    batch = len(rows)
+  loss = make_loss(cfg, params)
+  loss_jit = jax.jit(loss)
+
+  @jax.jit
+  def step(rots, chunk):
+    value, grads = jax.value_and_grad(loss)(rots, chunk)
+    new = {k: cayley_step(rots[k], grads[k], lr) for k in rots}
+    return new, value
+
+  rng = np.random.default_rng(seed)
+  start = mean_loss(loss_jit, rotations, rows, batch)
+  logging.info("spinquant: calibration loss %.4f at the QuaRot start "
+               "(%d rows)", start, len(rows))
+  history, order, t0 = [], np.array([], np.int64), time.time()
+  for i in range(steps):
+    if len(order) < batch:
+      order = np.concatenate([order, rng.permutation(len(rows))])
+    take, order = order[:batch], order[batch:]
+    rotations, value = step(rotations, jnp.asarray(rows[take]))
+    if (i + 1) % log_every == 0 or i + 1 == steps:
+      value = float(value)
+      history.append((i + 1, value))
+      logging.info("spinquant step %d/%d: batch loss %.4f (%.2f s/step)",
+                   i + 1, steps, value, (time.time() - t0) / (i + 1))
+  end = mean_loss(loss_jit, rotations, rows, batch)
+  err = max(orthogonality_error(r) for r in rotations.values())
+  logging.info("spinquant: calibration loss %.4f -> %.4f; max ||R^T R - I|| "
+               "= %.2e", start, end, err)
+  return rotations, {"calib_loss_start": start, "calib_loss_end": end,
+                     "orthogonality_error": err, "history": history}
+
+
+# ---------------------------------------------------------------------------
+# Calibration data and the output run.
+
+
+def calibration_rows(tokenizer, docs, samples: int, seq_len: int) -> np.ndarray:
+  """Up to `samples` rows of seq_len + 1 tokens cut from the document stream
+  ([BOS] doc [EOS] ...), without overlap."""
+  from bitnet_jax.perplexity import document_tokens
+  width = seq_len + 1
+  stream: list[int] = []
+  for doc in docs:
+    stream.extend(document_tokens(tokenizer, doc))
+    if len(stream) >= samples * width:
+      break
+  n = min(samples, len(stream) // width)
+  if n == 0:
+    raise ValueError(f"the calibration text has {len(stream)} tokens, fewer "
+                     f"than one row of {width}")
+  return np.asarray(stream[:n * width], np.int32).reshape(n, width)
+
+
+def quantize(pre, method: str, fuse: bool, *, act_bits: int = 4,
+             seed: int = 0, calib_rows: np.ndarray | None = None,
+             steps: int = 100, lr: float = 1.5, batch: int = 8
+             ) -> tuple[ModelConfig, Any, dict]:
+  """(PTQ model config, its params, info) from a loaded b1.58 run."""
+  cfg = ptq_config(pre.model_cfg, method, fuse, act_bits)
+  rotations = quarot_signs(cfg, seed)
+  info: dict[str, Any] = {"method": method, "fused": fuse, "act_bits": act_bits,
+                          "seed": seed, "source": pre.workdir,
+                          "source_step": pre.step}
+  if method == "spinquant":
+    if calib_rows is None:
+      raise ValueError("spinquant needs calibration rows")
+    rotations = dense_rotations(cfg, rotations)
+    rotations, record = learn_rotations(cfg, pre.params, rotations, calib_rows,
+                                        steps, lr, batch, seed)
+    info.update(record, calib_rows=int(len(calib_rows)), steps=steps, lr=lr,
+                batch=batch)
+  params = rotate_params(pre.params, cfg, rotations)
+  from bitnet_jax.checkpoint import check_param_shapes
+  check_param_shapes(params, param_shapes(cfg), "ptq output")
+  return cfg, params, info
+
+
+def write_run(pre, out: str, cfg: ModelConfig, params, info: dict) -> None:
+  """Write the PTQ model as a run directory the evaluation tools read."""
+  from bitnet_jax import checkpoint as ckpt_lib
+  config = pre.config.copy_and_resolve_references()
+  config.quant.act_bits = cfg.act_bits
+  config.quant.a4_start_step = -1
+  config.quant.ptq_rotation = cfg.ptq_rotation
+  config.quant.ptq_fused = cfg.ptq_fused
+  config.init_from = ""
+  config.data.tokenizer = ""  # the copy in `out`
+  os.makedirs(out, exist_ok=True)
+  with open(os.path.join(out, "config.json"), "w") as f:
+    f.write(config.to_json_best_effort(indent=2))
+  pre.tokenizer.save(os.path.join(out, "tokenizer.model"))
+  writer = ckpt_lib.Checkpointer(out, keep=1, async_save=False)
+  writer.save(pre.step, {"step": jnp.asarray(pre.step, jnp.int32),
+                         "params": params}, None, force=True)
+  writer.wait()
+  writer.close()
+  with open(os.path.join(out, "ptq.json"), "w") as f:
+    json.dump(info, f, indent=2)
+
+
+# ---------------------------------------------------------------------------
+# Command line.
+
+
+def define_flags() -> None:
+  from absl import flags
+  flags.DEFINE_enum("method", None, list(METHODS), "quarot or spinquant.")
+  flags.DEFINE_string("workdir", None, "The trained BitNet b1.58 run.")
+  flags.DEFINE_integer("step", -1, "Its checkpoint step (-1: latest).")
+  flags.DEFINE_string("out", None, "Output run directory.")
+  flags.DEFINE_bool("overwrite", False, "Replace an existing --out run.")
+  flags.DEFINE_bool("fuse_rotation", False, "Fuse the rotation into W_qkv and "
+                    "W_up,gate too (Q_w(W R^T)); default keeps it outside.")
+  flags.DEFINE_integer("act_bits", 4, "Activation bits (absmax).")
+  flags.DEFINE_integer("seed", 0, "Seed of the random Hadamard signs.")
+  flags.DEFINE_enum("calib_source", "heldout", ["heldout", "text", "jsonl",
+                                                "tfds"],
+                    "SpinQuant calibration text: the run's own data config "
+                    "(heldout) or another source.")
+  flags.DEFINE_string("calib_split", "train", "eval or train (tfds: a split).")
+  flags.DEFINE_string("calib_paths", "", "text/jsonl files or globs.")
+  flags.DEFINE_string("calib_text_field", "text", "jsonl/tfds text field.")
+  flags.DEFINE_string("calib_tfds_name", "", "tfds dataset name.")
+  flags.DEFINE_string("calib_tfds_data_dir", "", "tfds data_dir.")
+  flags.DEFINE_integer("calib_samples", 800, "Calibration rows of the model's "
+                       "context length (the paper: 800).")
+  flags.DEFINE_integer("calib_steps", 100, "Cayley SGD steps.")
+  flags.DEFINE_integer("calib_batch", 8, "Rows per Cayley SGD step.")
+  flags.DEFINE_float("lr", 1.5, "Cayley SGD learning rate.")
+
+
+def _dashes_to_underscores(argv: list[str]) -> list[str]:
+  """Accept --fuse-rotation as well as --fuse_rotation."""
+  out = [argv[0]]
+  for arg in argv[1:]:
+    if arg.startswith("--"):
+      name, eq, value = arg[2:].partition("=")
+      arg = "--" + name.replace("-", "_") + eq + value
+    out.append(arg)
+  return out
+
+
+def main(argv):
+  del argv
+  from absl import app, flags
+  from bitnet_jax import pretrained
+  from bitnet_jax.checkpoint import CheckpointError
+  from bitnet_jax.perplexity import corpus_documents
+  f = flags.FLAGS
+  if not (f.method and f.workdir and f.out):
+    raise app.UsageError("--method, --workdir and --out are required")
+  if os.path.abspath(f.out) == os.path.abspath(f.workdir):
+    raise app.UsageError("--out must differ from --workdir")
+  try:
+    if os.path.exists(os.path.join(f.out, "checkpoints")):
+      if not f.overwrite:
+        raise ValueError(f"{f.out} already holds a run; pass --overwrite to "
+                         "replace it")
+      shutil.rmtree(f.out)
+    pre = pretrained.load(f.workdir, step=None if f.step < 0 else f.step)
+    ptq_config(pre.model_cfg, f.method, f.fuse_rotation, f.act_bits)
+    rows = None
+    if f.method == "spinquant":
+      src = types.SimpleNamespace(
+          source=f.calib_source, split=f.calib_split, paths=f.calib_paths,
+          text_field=f.calib_text_field, doc_split="blank_line",
+          tfds_name=f.calib_tfds_name, tfds_data_dir=f.calib_tfds_data_dir,
+          max_docs=0)
+      docs, desc = corpus_documents(pre, src)
+      rows = calibration_rows(pre.tokenizer, docs, f.calib_samples,
+                              pre.model_cfg.max_len)
+      logging.info("calibration: %d rows of %d tokens from %s", len(rows),
+                   rows.shape[1], desc)
+    cfg, params, info = quantize(
+        pre, f.method, f.fuse_rotation, act_bits=f.act_bits, seed=f.seed,
+        calib_rows=rows, steps=f.calib_steps, lr=f.lr, batch=f.calib_batch)
+    write_run(pre, f.out, cfg, params, info)
+  except (ValueError, FileNotFoundError, KeyError, CheckpointError) as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(1)
+  summary = {k: v for k, v in info.items() if k != "history"}
+  print(json.dumps(summary, indent=2))
+  print(f"wrote {f.out} (evaluate: python -m bitnet_jax.evaluate "
+        f"--workdir={f.out})")
+
+
+if __name__ == "__main__":
+  from absl import app
+  define_flags()
+  app.run(main, argv=_dashes_to_underscores(sys.argv))
