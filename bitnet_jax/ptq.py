@@ -154,12 +154,14 @@ def orthogonality_error(r: jax.Array) -> float:
   return float(jnp.max(jnp.sqrt(jnp.sum(err * err, axis=(-2, -1)))))
 
 
-def make_loss(cfg: ModelConfig, params):
-  """jit-able (rotations, rows [B, W + 1]) -> mean next-token NLL of the
-  quantized PTQ model built from the b1.58 params."""
+def make_loss(cfg: ModelConfig):
+  """(rotations, params, rows [B, W + 1]) -> mean next-token NLL of the
+  quantized PTQ model built from the b1.58 params. The params are an
+  argument, never a closure: jit would embed them as constants and XLA would
+  spend minutes constant-folding their quantization."""
   model = Transformer(cfg)
 
-  def loss(rotations, rows):
+  def loss(rotations, params, rows):
     p = rotate_params(params, cfg, rotations)
     logits = model.apply({"params": p}, rows[:, :-1])
     return jnp.mean(token_nll(logits, rows[:, 1:]))
@@ -189,17 +191,22 @@ def learn_rotations(cfg: ModelConfig, params, rotations: dict,
     raise ValueError("learn_rotations needs a ptq_rotation='learned' config")
   if len(rows) < batch:
     batch = len(rows)
-  loss = make_loss(cfg, params)
+  loss = make_loss(cfg)
   loss_jit = jax.jit(loss)
+  loss_on_rows = lambda rots, chunk: loss_jit(rots, params, chunk)
 
-  @jax.jit
-  def step(rots, chunk):
-    value, grads = jax.value_and_grad(loss)(rots, chunk)
-    new = {k: cayley_step(rots[k], grads[k], lr) for k in rots}
-    return new, value
+  # One jit for the gradient and one per rotation shape for the retraction:
+  # compiled together, the batched solves took XLA:CPU minutes to compile
+  # at d_ff = 384 (seconds apart).
+  grad_fn = jax.jit(jax.value_and_grad(loss))
+  retract = jax.jit(cayley_step, static_argnums=2)
+
+  def step(rots, params, chunk):
+    value, grads = grad_fn(rots, params, chunk)
+    return {k: retract(rots[k], grads[k], lr) for k in rots}, value
 
   rng = np.random.default_rng(seed)
-  start = mean_loss(loss_jit, rotations, rows, batch)
+  start = mean_loss(loss_on_rows, rotations, rows, batch)
   logging.info("spinquant: calibration loss %.4f at the QuaRot start "
                "(%d rows)", start, len(rows))
   history, order, t0 = [], np.array([], np.int64), time.time()
@@ -207,13 +214,13 @@ def learn_rotations(cfg: ModelConfig, params, rotations: dict,
     if len(order) < batch:
       order = np.concatenate([order, rng.permutation(len(rows))])
     take, order = order[:batch], order[batch:]
-    rotations, value = step(rotations, jnp.asarray(rows[take]))
+    rotations, value = step(rotations, params, jnp.asarray(rows[take]))
     if (i + 1) % log_every == 0 or i + 1 == steps:
       value = float(value)
       history.append((i + 1, value))
       logging.info("spinquant step %d/%d: batch loss %.4f (%.2f s/step)",
                    i + 1, steps, value, (time.time() - t0) / (i + 1))
-  end = mean_loss(loss_jit, rotations, rows, batch)
+  end = mean_loss(loss_on_rows, rotations, rows, batch)
   err = max(orthogonality_error(r) for r in rotations.values())
   logging.info("spinquant: calibration loss %.4f -> %.4f; max ||R^T R - I|| "
                "= %.2e", start, end, err)
