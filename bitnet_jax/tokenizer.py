@@ -87,7 +87,7 @@ class Tokenizer:
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.parent / (p.name + ".tmp")
     tmp.write_bytes(self._proto)
-    tmp.rename(p)
+    tmp.replace(p)  # atomic, and overwrites an older model
 
 
 def train_tokenizer(docs: Iterable[str], vocab_size: int,
