@@ -24,3 +24,33 @@ def test_ci_runs_the_readme_test_command():
   _, (_, test) = readme_commands()
   ci = open(os.path.join(ROOT, ".ci", "run")).read()
   assert test in ci
+
+
+def markdown_tables(text):
+  """Each Markdown table of a text, as one string."""
+  tables, current = [], []
+  for line in text.splitlines() + [""]:
+    if line.startswith("|"):
+      current.append(line.rstrip())
+    elif current:
+      tables.append("\n".join(current))
+      current = []
+  return tables
+
+
+def test_readme_results_are_the_committed_report():
+  report_path = os.path.join(ROOT, "docs", "paper_small", "report.md")
+  report = open(report_path).read()
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  tables = markdown_tables(report)
+  assert len(tables) == 4, "Tables 1, 2-3, 4 and 5"
+  for t in tables:
+    assert t in readme, f"README Results differs from the report:\n{t}"
+  findings = [l for l in report.splitlines() if l.startswith("- ") and "**" in l]
+  assert findings
+  for line in findings:
+    assert line in readme, f"README lacks the report's finding:\n{line}"
+  for line in report.splitlines():
+    if line.startswith("!["):
+      target = line.split("(", 1)[1].rstrip(")")
+      assert os.path.exists(os.path.join(os.path.dirname(report_path), target))

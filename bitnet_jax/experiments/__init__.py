@@ -1,0 +1,1 @@
+"""Experiments built on bitnet_jax (the paper in miniature)."""

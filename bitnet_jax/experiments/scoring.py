@@ -1,0 +1,110 @@
+"""Scoring of the study's models: validation perplexity, activation kurtosis,
+post-training baselines; each result cached as results/<key>.json."""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import shutil
+import time
+
+import numpy as np
+
+from bitnet_jax.experiments import study
+
+
+def cached(out: str, key: str, compute) -> dict:
+  """results/<key>.json if present, else compute() written there."""
+  path = os.path.join(out, "results", f"{key}.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  t0 = time.time()
+  result = compute()
+  result["seconds"] = time.time() - t0
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  tmp = path + ".tmp"
+  with open(tmp, "w") as f:
+    json.dump(result, f, indent=2)
+  os.replace(tmp, path)
+  return result
+
+
+def valid_perplexity(pre, docs: list[str]) -> dict:
+  from bitnet_jax.perplexity import perplexity
+  r = perplexity(pre, docs, batch_size=16)
+  return {"ppl": r["ppl"] if math.isfinite(r["nll"]) else math.nan,
+          "nll": r["nll"], "tokens": r["tokens"]}
+
+
+def kurtosis(pre, docs: list[str], s: study.Settings) -> dict:
+  """Mean over layers of the kurtosis of the W_o and W_down inputs (what the
+  quantizer sees; for H-BitLinear also before the Hadamard)."""
+  import jax
+  import jax.numpy as jnp
+  from bitnet_jax.activation_stats import make_summarizer
+  from bitnet_jax.analyze import text_batch
+  tokens = text_batch(pre, docs, s.analysis_seqs)
+  stats = jax.device_get(make_summarizer(pre.model, pre.tokenizer.bos_id)(
+      pre.params, jnp.asarray(tokens)))
+  out = {}
+  for site in ("o", "down"):
+    for stage in ("input", "pre_rotation"):
+      values = [float(v["kurtosis"]) for k, v in stats.items()
+                if k.endswith(f"/{site}/{stage}")]
+      if values:
+        out[f"{site}/{stage}"] = float(np.mean(values))
+  return out
+
+
+def score_run(run: study.Run, out: str, s: study.Settings, docs) -> dict:
+  from bitnet_jax import pretrained
+  workdir = os.path.join(out, "runs", run.name)
+
+  def compute():
+    pre = pretrained.load(workdir)
+    result = valid_perplexity(pre, docs)
+    result["kurtosis"] = kurtosis(pre, docs, s)
+    result["train_loss"] = study.final_train_loss(workdir, last=3)
+    logging.info("study: %s valid ppl %.3f", run.name, result["ppl"])
+    return result
+  return cached(out, run.name, compute)
+
+
+def score_attention(run: study.Run, out: str, label: str, overrides: dict,
+                    docs) -> dict:
+  """Tables 2-3: the run evaluated with low-bit Q/K/V states."""
+  from bitnet_jax import pretrained
+  key = run.name + "_" + "_".join(f"{k}{v}" for k, v in sorted(overrides.items()))
+  return cached(out, key, lambda: valid_perplexity(
+      pretrained.load(os.path.join(out, "runs", run.name), **overrides), docs))
+
+
+def score_ptq(name: str, method: str, fuse: bool, out: str, s: study.Settings,
+              docs) -> dict:
+  """Table 4: a post-training baseline of the b1.58 (a8) run."""
+  from bitnet_jax import corpus, ptq, pretrained
+
+  def compute():
+    source = pretrained.load(os.path.join(out, "runs", "b1.58_a8"))
+    rows = None
+    if method == "spinquant":
+      data = source.config.data.copy_and_resolve_references()
+      train_docs = corpus.load_corpus(data).train
+      rows = ptq.calibration_rows(source.tokenizer, train_docs,
+                                  s.calib_samples, source.model_cfg.max_len)
+    cfg, params, info = ptq.quantize(
+        source, method, fuse, seed=s.seed, calib_rows=rows,
+        steps=s.calib_steps, lr=s.calib_lr, batch=8)
+    workdir = os.path.join(out, "ptq", name)
+    if os.path.exists(workdir):  # left by an interrupted study
+      shutil.rmtree(workdir)
+    ptq.write_run(source, workdir, cfg, params, info)
+    result = valid_perplexity(pretrained.load(workdir), docs)
+    result.update({k: v for k, v in info.items()
+                   if k in ("calib_loss_start", "calib_loss_end",
+                            "orthogonality_error", "calib_rows")})
+    logging.info("study: %s valid ppl %.3f", name, result["ppl"])
+    return result
+  return cached(out, name, compute)
