@@ -57,18 +57,8 @@ def define_flags() -> None:
 def text_batch(pre, docs: list[str], num_seqs: int) -> np.ndarray:
   """The documents as [BOS] doc [EOS] ..., cut into num_seqs rows of the
   model's context."""
-  tok, width = pre.tokenizer, pre.model_cfg.max_len
-  stream: list[int] = []
-  for doc in docs:
-    stream += [tok.bos_id, *tok.encode(doc), tok.eos_id]
-    if len(stream) >= num_seqs * width:
-      break
-  rows = len(stream) // width
-  if rows == 0:
-    raise ValueError(f"the text has {len(stream)} tokens, fewer than one "
-                     f"sequence of {width}")
-  rows = min(rows, num_seqs)
-  return np.asarray(stream[:rows * width], np.int32).reshape(rows, width)
+  from bitnet_jax.perplexity import token_rows
+  return token_rows(pre.tokenizer, docs, num_seqs, pre.model_cfg.max_len)
 
 
 def to_json(stats: dict) -> dict:

@@ -62,6 +62,23 @@ def document_tokens(tokenizer, doc: str) -> list[int]:
   return [tokenizer.bos_id, *tokenizer.encode(doc), tokenizer.eos_id]
 
 
+def token_rows(tokenizer, docs: Sequence[str], rows: int, width: int
+               ) -> np.ndarray:
+  """Up to `rows` rows of `width` tokens cut without overlap from the stream
+  [BOS] doc [EOS] [BOS] doc [EOS] ... (only as many documents as needed are
+  tokenized)."""
+  stream: list[int] = []
+  for doc in docs:
+    stream += document_tokens(tokenizer, doc)
+    if len(stream) >= rows * width:
+      break
+  n = min(rows, len(stream) // width)
+  if n == 0:
+    raise ValueError(f"the text has {len(stream)} tokens, fewer than one "
+                     f"sequence of {width}")
+  return np.asarray(stream[:n * width], np.int32).reshape(n, width)
+
+
 def perplexity(pre, docs: Sequence[str], window: int = 0, stride: int = 0,
                batch_size: int = 8) -> dict:
   window = window or pre.model_cfg.max_len

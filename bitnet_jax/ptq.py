@@ -235,18 +235,8 @@ def learn_rotations(cfg: ModelConfig, params, rotations: dict,
 def calibration_rows(tokenizer, docs, samples: int, seq_len: int) -> np.ndarray:
   """Up to `samples` rows of seq_len + 1 tokens cut from the document stream
   ([BOS] doc [EOS] ...), without overlap."""
-  from bitnet_jax.perplexity import document_tokens
-  width = seq_len + 1
-  stream: list[int] = []
-  for doc in docs:
-    stream.extend(document_tokens(tokenizer, doc))
-    if len(stream) >= samples * width:
-      break
-  n = min(samples, len(stream) // width)
-  if n == 0:
-    raise ValueError(f"the calibration text has {len(stream)} tokens, fewer "
-                     f"than one row of {width}")
-  return np.asarray(stream[:n * width], np.int32).reshape(n, width)
+  from bitnet_jax.perplexity import token_rows
+  return token_rows(tokenizer, docs, samples, seq_len + 1)
 
 
 def quantize(pre, method: str, fuse: bool, *, act_bits: int = 4,

@@ -69,7 +69,7 @@ def run_study(data: str, out: str, settings: study.Settings,
     run = study.RUN_BY_NAME[name]
     attention[name] = {
         label: (runs[name] if not overrides else
-                scoring.score_attention(run, out, label, overrides, docs))
+                scoring.score_attention(run, out, overrides, docs))
         for label, overrides in study.ATTENTION_SETTINGS}
   ptq = {name: scoring.score_ptq(name, method, fuse, out, settings, docs)
          for name, method, fuse in study.PTQ_RUNS}
@@ -99,18 +99,12 @@ def run_study(data: str, out: str, settings: study.Settings,
 def _activation_runs(out: str, docs, settings: study.Settings) -> dict:
   """Raw statistics of the last layer's W_o / W_down inputs of b1.58 (a8)
   and v2 (a8), for the histogram figures."""
-  import jax
-  import jax.numpy as jnp
   from bitnet_jax import pretrained
-  from bitnet_jax.activation_stats import make_summarizer
-  from bitnet_jax.analyze import text_batch
   last = f"layer{settings.num_layers - 1}/"
   runs = {}
   for name, label in (("b1.58_a8", "BitNet b1.58 a8"), ("v2_a8", "BitNet v2 a8")):
     pre = pretrained.load(os.path.join(out, "runs", name))
-    tokens = text_batch(pre, docs, settings.analysis_seqs)
-    stats = jax.device_get(make_summarizer(pre.model, pre.tokenizer.bos_id)(
-        pre.params, jnp.asarray(tokens)))
+    stats = scoring.layer_stats(pre, docs, settings.analysis_seqs)
     runs[label] = {k: v for k, v in stats.items() if k.startswith(last) and
                    k.split("/")[1] in ("o", "down")}
   return runs

@@ -38,16 +38,22 @@ def valid_perplexity(pre, docs: list[str]) -> dict:
           "nll": r["nll"], "tokens": r["tokens"]}
 
 
-def kurtosis(pre, docs: list[str], s: study.Settings) -> dict:
-  """Mean over layers of the kurtosis of the W_o and W_down inputs (what the
-  quantizer sees; for H-BitLinear also before the Hadamard)."""
+def layer_stats(pre, docs: list[str], num_seqs: int) -> dict:
+  """Raw activation statistics ({"layer{i}/{site}/{stage}": stats}, on the
+  host) of the run on num_seqs held-out rows."""
   import jax
   import jax.numpy as jnp
   from bitnet_jax.activation_stats import make_summarizer
   from bitnet_jax.analyze import text_batch
-  tokens = text_batch(pre, docs, s.analysis_seqs)
-  stats = jax.device_get(make_summarizer(pre.model, pre.tokenizer.bos_id)(
+  tokens = text_batch(pre, docs, num_seqs)
+  return jax.device_get(make_summarizer(pre.model, pre.tokenizer.bos_id)(
       pre.params, jnp.asarray(tokens)))
+
+
+def kurtosis(pre, docs: list[str], s: study.Settings) -> dict:
+  """Mean over layers of the kurtosis of the W_o and W_down inputs (what the
+  quantizer sees; for H-BitLinear also before the Hadamard)."""
+  stats = layer_stats(pre, docs, s.analysis_seqs)
   out = {}
   for site in ("o", "down"):
     for stage in ("input", "pre_rotation"):
@@ -72,8 +78,7 @@ def score_run(run: study.Run, out: str, s: study.Settings, docs) -> dict:
   return cached(out, run.name, compute)
 
 
-def score_attention(run: study.Run, out: str, label: str, overrides: dict,
-                    docs) -> dict:
+def score_attention(run: study.Run, out: str, overrides: dict, docs) -> dict:
   """Tables 2-3: the run evaluated with low-bit Q/K/V states."""
   from bitnet_jax import pretrained
   key = run.name + "_" + "_".join(f"{k}{v}" for k, v in sorted(overrides.items()))
