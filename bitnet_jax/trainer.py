@@ -102,7 +102,7 @@ class Setup:
   def context(self) -> contextlib.ExitStack:
     """Mesh + logical rules: activation sharding constraints resolve in here."""
     stack = contextlib.ExitStack()
-    stack.enter_context(self.mesh)
+    stack.enter_context(jax.set_mesh(self.mesh))
     stack.enter_context(nn.logical_axis_rules(self.rules))
     return stack
 
@@ -156,29 +156,24 @@ def abstract_batch(config, mesh):
   return {k: spec for k in keys}
 
 
-def dry_run(config) -> dict[str, float]:
-  """Lower and compile the train step from shapes; print per-device memory."""
-  setup = build(config)
-  bits = setup.model_cfg.act_bits
-  with setup.context():
-    compiled = setup.steps[bits].lower(setup.abstract,
-                                       abstract_batch(config, setup.mesh)).compile()
-  mem = compiled.memory_analysis()
-  gib = 1024.0 ** 3
-  out = {"params": setup.params_total,
-         "argument_gib": mem.argument_size_in_bytes / gib,
-         "output_gib": mem.output_size_in_bytes / gib,
-         "alias_gib": mem.alias_size_in_bytes / gib,
-         "temp_gib": mem.temp_size_in_bytes / gib}
-  out["total_gib"] = (out["argument_gib"] + out["output_gib"] - out["alias_gib"]
-                      + out["temp_gib"])
-  print(f"dry run: {setup.params_total / 1e9:.3f}B parameters on mesh "
-        f"{dict(setup.mesh.shape)} ({jax.device_count()} x "
-        f"{jax.devices()[0].device_kind}); per device: arguments "
-        f"{out['argument_gib']:.2f} GiB, outputs {out['output_gib']:.2f} GiB "
-        f"(aliased {out['alias_gib']:.2f}), temporaries {out['temp_gib']:.2f} "
-        f"GiB, total {out['total_gib']:.2f} GiB")
-  return out
+def dry_run(config, topology: str = "", json_path: str = "") -> dict:
+  """Compile the train step from shapes for `topology` (see dry_run.py),
+  print the per-chip report; a step that does not fit is an error."""
+  from bitnet_jax import dry_run as dry_run_lib
+  try:
+    report = dry_run_lib.report(config, topology)
+  except dry_run_lib.TopologyError as e:
+    raise UserError(str(e)) from None
+  except MemoryError as e:
+    raise UserError(str(e)) from None
+  print(dry_run_lib.format_report(report))
+  if json_path:
+    dry_run_lib.write_json(report, json_path)
+  try:
+    dry_run_lib.check_fits(report)
+  except MemoryError as e:
+    raise UserError(str(e)) from None
+  return report
 
 
 def barrier(name: str) -> None:
