@@ -1,0 +1,486 @@
+"""What a compiled XLA program does per device, read from its optimized HLO.
+
+`compiled.cost_analysis()` counts a while loop's body once, so a step with
+scanned layers (and a microbatch loop around them) is under-counted by the
+trip counts. This module walks `compiled.as_text()` itself and applies them:
+
+  matmul FLOPs   every `dot` and `convolution` (TPU writes matmuls as
+                 convolutions with windows; valid window positions are
+                 counted exactly as XLA's cost model does), by operand dtype
+  HBM bytes      operands + result of every instruction outside fusions (a
+                 fusion counts at its boundary): an estimate of memory traffic
+  collectives    all-gather / reduce-scatter / all-reduce / all-to-all /
+                 collective-permute: count, payload and ring traffic per device
+                 (all-gather (n-1)/n of the result, reduce-scatter (n-1)/n of
+                 the operand, all-reduce twice that of its buffer); one
+                 channel is one collective, however many fusions (async
+                 start / steps / done) carry its instruction
+
+Trip counts come from a while's `known_trip_count` or from its condition
+(`i < N` on a counter whose initial value is a constant). Everything is per
+device: SPMD programs are written for one partition.
+"""
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import math
+import re
+from typing import Iterable
+
+import numpy as np
+
+DTYPE_BYTES = {
+    "pred": 1, "s2": 0.25, "u2": 0.25, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1,
+    "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1, "f8e5m2fnuz": 1, "f8e4m3fnuz": 1,
+    "s16": 2, "u16": 2, "f16": 2, "bf16": 2, "s32": 4, "u32": 4, "f32": 4,
+    "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16, "token": 0,
+}
+_ARRAY = re.compile(r"\b(" + "|".join(sorted(DTYPE_BYTES, key=len, reverse=True))
+                    + r")\[([0-9,]*)\]")
+_NAME = re.compile(r"%([\w.\-]+)")
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all",
+               "collective-permute")
+# Instructions that move no data of their own.
+_FREE = {"parameter", "get-tuple-element", "tuple", "bitcast", "constant",
+         "while", "call", "conditional", "after-all", "partition-id",
+         "replica-id", "iota", "opt-barrier", "copy-done", "async-done",
+         "all-gather-done", "all-reduce-done", "collective-permute-done",
+         "send-done", "recv-done"}
+
+
+def arrays(shape: str) -> list[tuple[str, tuple[int, ...]]]:
+  """(dtype, dims) of every array in a (possibly tuple) shape string."""
+  return [(d, tuple(int(x) for x in dims.split(",") if x))
+          for d, dims in _ARRAY.findall(shape)]
+
+
+def shape_bytes(shape: str) -> float:
+  return sum(DTYPE_BYTES[d] * math.prod(dims) for d, dims in arrays(shape))
+
+
+@dataclasses.dataclass
+class Instruction:
+  name: str
+  shape: str
+  opcode: str
+  operands: list[str]
+  attrs: str
+  literal: str = ""   # the text inside the parentheses (a constant's value)
+
+  def attr(self, key: str) -> str | None:
+    m = re.search(r"\b" + re.escape(key) + r"=", self.attrs)
+    if not m:
+      return None
+    return _balanced_value(self.attrs, m.end())
+
+
+def _balanced_value(text: str, i: int) -> str:
+  """The attribute value starting at text[i]: up to the next top-level ','."""
+  depth, j = 0, i
+  while j < len(text):
+    c = text[j]
+    if c in "({[":
+      depth += 1
+    elif c in ")}]":
+      if depth == 0:
+        break
+      depth -= 1
+    elif c == "," and depth == 0:
+      break
+    elif c == '"':
+      j = text.index('"', j + 1)
+    j += 1
+  return text[i:j].strip()
+
+
+def _split_instruction(line: str) -> Instruction | None:
+  body = line.strip()
+  if body.startswith("ROOT "):
+    body = body[5:]
+  m = re.match(r"%?([\w.\-]+) = ", body)
+  if not m:
+    return None
+  rest = body[m.end():]
+  if rest.startswith("("):  # tuple shape
+    depth = 0
+    for j, c in enumerate(rest):
+      depth += c == "("
+      depth -= c == ")"
+      if depth == 0:
+        break
+    shape, rest = rest[:j + 1], rest[j + 1:].lstrip()
+  else:
+    shape, _, rest = rest.partition(" ")
+  op = re.match(r"([\w\-]+)\(", rest)
+  if not op:
+    return None
+  depth, start = 0, op.end() - 1
+  for j in range(start, len(rest)):
+    depth += rest[j] == "("
+    depth -= rest[j] == ")"
+    if depth == 0:
+      break
+  inside = rest[start + 1:j]
+  return Instruction(m.group(1), shape, op.group(1), _NAME.findall(inside),
+                     rest[j + 1:], inside.strip())
+
+
+def parse(text: str) -> tuple[dict[str, list[Instruction]], str]:
+  """{computation name: instructions} and the entry computation's name."""
+  comps: dict[str, list[Instruction]] = {}
+  entry, current = "", None
+  for line in text.splitlines():
+    if not line.strip() or line.startswith(("HloModule", "//", "FileNames",
+                                            "FunctionNames", "FileLocations",
+                                            "StackFrames")):
+      continue
+    if not line[0].isspace():
+      if line.rstrip().endswith("{"):
+        is_entry = line.startswith("ENTRY ")
+        name = line[6:] if is_entry else line
+        current = name.split()[0].lstrip("%")
+        comps[current] = []
+        if is_entry:
+          entry = current
+      elif line.startswith("}"):
+        current = None
+      continue
+    if current is not None:
+      inst = _split_instruction(line)
+      if inst is not None:
+        comps[current].append(inst)
+  return comps, entry
+
+
+def group_size(inst: Instruction, num_devices: int) -> int:
+  """Devices in one replica group of a collective."""
+  groups = inst.attr("replica_groups")
+  if groups is None:
+    pairs = inst.attr("source_target_pairs")
+    return 2 if pairs else num_devices
+  if groups.startswith("mesh["):
+    tail = inst.attrs[inst.attrs.find("replica_groups=") + 15:]
+    m = re.match(r"mesh\[(.*?)\]\s*\{(.*?)\}", tail)
+    if m:
+      sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
+      axes = re.findall(r"'([^']+)'", m.group(2))
+      return math.prod(int(sizes[a]) for a in axes)
+  m = re.match(r"\[(\d+),(\d+)\]<=", groups)
+  if m:
+    return int(m.group(2))
+  m = re.match(r"\{\{([^}]*)\}", groups)
+  if m:
+    return len([x for x in m.group(1).split(",") if x.strip()])
+  return num_devices
+
+
+def _conv_valid_positions(out: int, window: int, inp: int, stride: int,
+                          pad_lo: int, lhs_dil: int, rhs_dil: int) -> int:
+  """(output position, window position) pairs that read a real input element."""
+  o = np.arange(out)[:, None]
+  k = np.arange(window)[None, :]
+  pos = o * stride + k * rhs_dil - pad_lo
+  ok = (pos >= 0) & (pos <= (inp - 1) * lhs_dil) & (pos % lhs_dil == 0)
+  return int(ok.sum())
+
+
+def _window_fields(window: str, rank: int) -> dict[str, list[int]]:
+  fields = {"size": [1] * rank, "stride": [1] * rank, "lhs_dilate": [1] * rank,
+            "rhs_dilate": [1] * rank, "pad_lo": [0] * rank}
+  for key, value in re.findall(r"(\w+)=([\d_x\-]+)", window):
+    parts = value.split("x")
+    if key == "pad":
+      fields["pad_lo"] = [int(p.split("_")[0]) for p in parts]
+    elif key in fields:
+      fields[key] = [int(p) for p in parts]
+  return fields
+
+
+def conv_flops(inst: Instruction, lhs: str, rhs: str) -> float:
+  """2 x multiply-adds of a convolution, counting only valid positions."""
+  labels = inst.attr("dim_labels") or ""
+  lhs_l, rest = labels.split("_")
+  rhs_l, out_l = rest.split("->")
+  (_, lhs_dims), = arrays(lhs)[:1]
+  (_, rhs_dims), = arrays(rhs)[:1]
+  (_, out_dims), = arrays(inst.shape)[:1]
+  spatial = [c for c in out_l if c.isdigit()]
+  window = inst.attr("window") or ""
+  w = _window_fields(window, len(spatial))
+  valid = 1
+  for i, c in enumerate(spatial):
+    valid *= _conv_valid_positions(
+        out_dims[out_l.index(c)], rhs_dims[rhs_l.index(c)],
+        lhs_dims[lhs_l.index(c)], w["stride"][i], w["pad_lo"][i],
+        w["lhs_dilate"][i], w["rhs_dilate"][i])
+  groups = int(inst.attr("feature_group_count") or 1)
+  in_features = lhs_dims[lhs_l.index("f")] // groups
+  macs = (out_dims[out_l.index("b")] * out_dims[out_l.index("f")]
+          * in_features * valid)
+  return 2.0 * macs
+
+
+def dot_flops(inst: Instruction, lhs: str) -> float:
+  (_, lhs_dims), = arrays(lhs)[:1]
+  contracting = inst.attr("lhs_contracting_dims") or "{}"
+  k = math.prod(lhs_dims[int(i)] for i in re.findall(r"\d+", contracting))
+  (_, out_dims), = arrays(inst.shape)[:1]
+  return 2.0 * math.prod(out_dims) * k
+
+
+@dataclasses.dataclass
+class Collective:
+  kind: str
+  name: str
+  shape: str
+  group: int
+  payload: float       # bytes of the buffer (result; operand for reduce-scatter)
+  traffic: float       # ring bytes sent per device
+  count: float         # executions per step (trip counts applied)
+
+
+@dataclasses.dataclass
+class Op:
+  """One top-level instruction (a fusion counts as one), as executed."""
+  name: str
+  flops: dict[str, float]   # operand dtype -> matmul FLOPs per execution
+  bytes: float              # HBM bytes per execution (operands + result)
+  count: float
+
+
+@dataclasses.dataclass
+class ProgramStats:
+  """Per-device totals of one execution of the program."""
+  ops: list[Op]
+  collectives: list[Collective]
+  unknown_trip_counts: list[str]     # while loops counted once (no trip count)
+
+  @property
+  def flops(self) -> dict[str, float]:
+    out: dict[str, float] = collections.defaultdict(float)
+    for op in self.ops:
+      for dtype, f in op.flops.items():
+        out[dtype] += f * op.count
+    return dict(out)
+
+  @property
+  def matmul_flops(self) -> float:
+    return sum(self.flops.values())
+
+  @property
+  def hbm_bytes(self) -> float:
+    return sum(op.bytes * op.count for op in self.ops)
+
+  def collective_bytes(self, kind: str | None = None, traffic=False) -> float:
+    return sum((c.traffic if traffic else c.payload) * c.count
+               for c in self.collectives if kind is None or c.kind == kind)
+
+  def by_kind(self) -> dict[str, dict[str, float]]:
+    out: dict[str, dict[str, float]] = {}
+    for c in self.collectives:
+      row = out.setdefault(c.kind, {"count": 0.0, "payload_bytes": 0.0,
+                                    "traffic_bytes": 0.0})
+      row["count"] += c.count
+      row["payload_bytes"] += c.payload * c.count
+      row["traffic_bytes"] += c.traffic * c.count
+    return out
+
+  def to_json(self) -> dict:
+    return {"matmul_flops": self.matmul_flops, "flops_by_dtype": self.flops,
+            "hbm_bytes": self.hbm_bytes, "collectives": self.by_kind(),
+            "unknown_trip_counts": self.unknown_trip_counts}
+
+
+class _Walker:
+  def __init__(self, comps, num_devices):
+    self.comps, self.num_devices = comps, num_devices
+    self.ops: list[Op] = []
+    self.collectives: list[Collective] = []
+    self.unknown: list[str] = []
+    self.shapes = {c: {i.name: i.shape for i in insts}
+                   for c, insts in comps.items()}
+    self._fused: dict[str, dict[str, float]] = {}
+    self._channels: set[str] = set()
+
+  def trip_count(self, comp: str, inst: Instruction) -> int | None:
+    known = re.search(r'"known_trip_count":\{"n":"(\d+)"', inst.attrs)
+    if known:
+      return int(known.group(1))
+    cond = (inst.attr("condition") or "").lstrip("%")
+    insts = {i.name: i for i in self.comps.get(cond, [])}
+    root = self.comps.get(cond, [None])[-1]
+    if root is None or root.opcode != "compare" or len(root.operands) != 2:
+      return None
+    direction = re.search(r"direction=(\w+)", root.attrs)
+    a, b = (insts.get(o) for o in root.operands)
+    if not (a and b and direction):
+      return None
+    d = direction.group(1)
+    if a.opcode == "constant":
+      a, b = b, a
+      d = {"LT": "GT", "GT": "LT", "LE": "GE", "GE": "LE"}.get(d, d)
+    if b.opcode != "constant" or a.opcode != "get-tuple-element":
+      return None
+    bound = _const(b)
+    index = int(re.search(r"index=(\d+)", a.attrs).group(1))
+    start = self._init_value(comp, inst, index)
+    if d == "LT":
+      return max(0, bound - start)
+    if d == "LE":
+      return max(0, bound - start + 1)
+    return None
+
+  def _init_value(self, comp: str, inst: Instruction, index: int) -> int:
+    insts = {i.name: i for i in self.comps[comp]}
+    init = insts.get(inst.operands[0]) if inst.operands else None
+    if init is not None and init.opcode == "tuple" and index < len(init.operands):
+      src = insts.get(init.operands[index])
+      if src is not None and src.opcode == "constant":
+        return _const(src)
+    return 0
+
+  def _matmul_flops(self, comp: str, inst: Instruction) -> dict[str, float]:
+    shapes = [self.shapes[comp].get(o, "") for o in inst.operands]
+    dtype = (arrays(shapes[0]) or [("?", ())])[0][0] if shapes else "?"
+    if inst.opcode == "dot" and shapes:
+      return {dtype: dot_flops(inst, shapes[0])}
+    if inst.opcode == "convolution" and len(shapes) == 2:
+      return {dtype: conv_flops(inst, *shapes)}
+    return {}
+
+  def _fusion_flops(self, comp: str, scale: float) -> dict[str, float]:
+    """Matmul FLOPs inside a fused computation (collectives noted too)."""
+    if comp not in self._fused:
+      total: dict[str, float] = collections.defaultdict(float)
+      for inst in self.comps[comp]:
+        for dtype, f in self._matmul_flops(comp, inst).items():
+          total[dtype] += f
+        for callee in self._callees(inst):
+          for dtype, f in self._fusion_flops(callee, scale).items():
+            total[dtype] += f
+      self._fused[comp] = dict(total)
+    for inst in self.comps[comp]:
+      self._maybe_collective(comp, inst, scale)
+    return self._fused[comp]
+
+  def _callees(self, inst: Instruction) -> list[str]:
+    out = []
+    for key in ("calls", "branch_computations", "true_computation",
+                "false_computation"):
+      value = inst.attr(key)
+      if value:
+        out += [c for c in (_NAME.findall(value) or [value.lstrip("%")])
+                if c in self.comps]
+    return out
+
+  def walk(self, comp: str, scale: float) -> None:
+    shapes = self.shapes[comp]
+    for inst in self.comps[comp]:
+      op = inst.opcode
+      if op == "while":
+        trips = self.trip_count(comp, inst)
+        if trips is None:
+          self.unknown.append(inst.name)
+          trips = 1
+        for key in ("body", "condition"):
+          callee = (inst.attr(key) or "").lstrip("%")
+          if callee in self.comps:
+            self.walk(callee, scale * trips)
+        continue
+      self._maybe_collective(comp, inst, scale)
+      if op == "fusion":
+        flops: dict[str, float] = collections.defaultdict(float)
+        for callee in self._callees(inst):
+          for dtype, f in self._fusion_flops(callee, scale).items():
+            flops[dtype] += f
+      else:
+        flops = self._matmul_flops(comp, inst)
+        for callee in self._callees(inst):  # call, conditional, async ops
+          self.walk(callee, scale)
+      if op in _FREE:
+        continue
+      held = [a for o in inst.operands for a in arrays(shapes.get(o, ""))]
+      held += arrays(inst.shape)
+      buffers = self._collective_buffers(inst)
+      nbytes = sum(DTYPE_BYTES[d] * math.prod(dims) for d, dims in held
+                   if (d, dims) not in buffers)
+      self.ops.append(Op(inst.name, dict(flops), nbytes, scale))
+
+  def _collective_buffers(self, inst: Instruction) -> set:
+    """Arrays of a collective carried by this fusion (async collective
+    fusions pass its buffers through start, steps and done): moved by the
+    interconnect, not HBM traffic of the fusion."""
+    out = set()
+    for callee in self._callees(inst):
+      comp_shapes = self.shapes[callee]
+      for i in self.comps[callee]:
+        base = i.opcode[:-6] if i.opcode.endswith("-start") else i.opcode
+        if base in COLLECTIVES:
+          out.update(arrays(i.shape))
+          for o in i.operands:
+            out.update(arrays(comp_shapes.get(o, "")))
+    return out
+
+  def _maybe_collective(self, comp, inst, scale):
+    base = inst.opcode[:-6] if inst.opcode.endswith("-start") else inst.opcode
+    if base not in COLLECTIVES:
+      return
+    # The TPU splits one asynchronous collective over several fusions (start,
+    # steps, done), each holding the same instruction: one channel, one op.
+    channel = re.search(r"channel_id=(\d+)", inst.attrs)
+    if channel:
+      if channel.group(1) in self._channels:
+        return
+      self._channels.add(channel.group(1))
+    operand_shapes = [self.shapes[comp].get(o, "") for o in inst.operands]
+    n = max(1, group_size(inst, self.num_devices))
+    out = shape_bytes(inst.shape)
+    if inst.opcode.endswith("-start") and inst.shape.startswith("("):
+      # async start ops return (operands, results[, scratch]): keep the result
+      parts = arrays(inst.shape)
+      out = sum(DTYPE_BYTES[d] * math.prod(dims)
+                for d, dims in parts[len(operand_shapes):2 * len(operand_shapes)])
+    operand = sum(shape_bytes(s) for s in operand_shapes)
+    frac = (n - 1) / n
+    if base == "all-gather":
+      payload, traffic = out, out * frac
+    elif base == "reduce-scatter":
+      payload, traffic = operand, operand * frac
+    elif base == "all-reduce":
+      payload = operand or out
+      traffic = 2 * payload * frac
+    elif base == "all-to-all":
+      payload = operand or out
+      traffic = payload * frac
+    else:  # collective-permute
+      payload = traffic = operand or out
+    self.collectives.append(Collective(base, inst.name, inst.shape, n, payload,
+                                       traffic, scale))
+
+
+def _const(inst: Instruction) -> int:
+  """The value of a scalar integer constant instruction."""
+  return int(inst.literal) if re.fullmatch(r"-?\d+", inst.literal) else 0
+
+
+def analyze(text: str, num_devices: int) -> ProgramStats:
+  comps, entry = parse(text)
+  walker = _Walker(comps, num_devices)
+  walker.walk(entry, 1.0)
+  return ProgramStats(walker.ops, walker.collectives, walker.unknown)
+
+
+def activation_batch_dims(text: str, inner: Iterable[tuple[int, ...]]) -> set:
+  """Sizes of the dim just before any occurrence of an `inner` dims sequence
+  (e.g. (T, D)) in the program's array shapes: the batch each device holds."""
+  found = set()
+  for _, dims in _ARRAY.findall(text):
+    d = tuple(int(x) for x in dims.split(",") if x)
+    for pat in inner:
+      k = len(pat)
+      for i in range(1, len(d) - k + 1):
+        if d[i:i + k] == tuple(pat):
+          found.add(d[i - 1])
+  return found
