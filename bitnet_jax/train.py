@@ -7,7 +7,13 @@ Flags:
                           events, config.json, train.log, summary.json; a run
                           resumes the latest checkpoint in it automatically
   --dry_run               compile the train step from abstract shapes (nothing
-                          allocated) and print per-device memory, then exit
+                          allocated) and report per chip: memory, FLOPs,
+                          collectives, a roofline estimate of step time and
+                          MFU (see bitnet_jax/dry_run.py); then exit
+  --topology=NAME         with --dry_run: compile for a TPU slice described by
+                          libtpu (v5p:4x4x4, v5e:16x16, v6e:8x8, ...; no TPU
+                          needed) or for N host CPU devices (cpu:N)
+  --dry_run_json=FILE     with --dry_run: also write the report as JSON
   --distributed=auto|on|off   join a multi-process run (auto: TPU pod, SLURM
                           or --coordinator_address); see launch/
   --coordinator_address, --num_processes, --process_id   explicit multi-process
@@ -17,6 +23,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import sys
 
 from absl import app, flags
@@ -26,7 +33,11 @@ FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Run directory (created if missing).")
-flags.DEFINE_bool("dry_run", False, "Compile from abstract shapes, print memory.")
+flags.DEFINE_bool("dry_run", False, "Compile from abstract shapes, report "
+                  "memory, FLOPs, collectives and a roofline estimate.")
+flags.DEFINE_string("topology", "", "With --dry_run: a libtpu topology "
+                    "(v5p:4x4x4, v5e:16x16, ...) or cpu:N.")
+flags.DEFINE_string("dry_run_json", "", "With --dry_run: write the report here.")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "Call jax.distributed.initialize().")
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0.")
@@ -70,13 +81,21 @@ def main(argv):
     sys.exit(1)
   if not FLAGS.workdir and not FLAGS.dry_run:
     raise app.UsageError("--workdir is required (except with --dry_run)")
+  if FLAGS.topology and not FLAGS.dry_run:
+    raise app.UsageError("--topology is for --dry_run")
+  if FLAGS.topology:  # compile-only devices: no local accelerator needed
+    os.environ["JAX_PLATFORMS"] = "cpu"
+  if FLAGS.topology.startswith("cpu:"):  # before jax starts its CPU backend
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
+                               " --xla_force_host_platform_device_count="
+                               + FLAGS.topology[4:]).strip()
   from bitnet_jax import sharding
   sharding.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address,
                                   FLAGS.num_processes, FLAGS.process_id)
   from bitnet_jax import trainer  # imports jax-heavy modules after init
   try:
     if FLAGS.dry_run:
-      trainer.dry_run(config)
+      trainer.dry_run(config, FLAGS.topology, FLAGS.dry_run_json)
       return
     summary = trainer.train(config, FLAGS.workdir, trainer.Preemption())
     logging.info("done: %s", json.dumps(summary))

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bitnet_jax import chips
 from bitnet_jax import optimizer as optimizer_lib
 from bitnet_jax.model import ModelConfig, Transformer, count_params
 
@@ -137,19 +138,9 @@ def flops_per_token(cfg: ModelConfig, params) -> float:
   return 6.0 * matmul_params + 12.0 * cfg.num_layers * cfg.d_model * cfg.max_len
 
 
-# Dense bf16 peak FLOP/s per device, by device_kind substring (lower case).
-PEAK_FLOPS = (
-    ("h200", 989e12), ("h100", 989e12), ("a100", 312e12), ("b200", 2250e12),
-    ("v6 lite", 918e12), ("v6e", 918e12), ("v5 lite", 197e12),
-    ("v5e", 197e12), ("v5p", 459e12), ("v5", 459e12), ("v4", 275e12),
-)
-
-
 def device_peak_flops(device: jax.Device, override: float = 0.0) -> float | None:
+  """Dense bf16 peak FLOP/s of one device (chips.py), or the override."""
   if override > 0:
     return override
-  kind = device.device_kind.lower()
-  for key, flops in PEAK_FLOPS:
-    if key in kind:
-      return flops
-  return None
+  chip = chips.for_device_kind(device.device_kind)
+  return chip.bf16_flops if chip else None

@@ -1,0 +1,63 @@
+"""Accelerator peaks: the numbers the MFU log line and the roofline estimate use.
+
+Per chip (TPU) or GPU, from the vendors' published specifications:
+  bf16_flops   dense bf16 matmul peak, FLOP/s
+  int8_ops     dense int8 matmul peak, OP/s
+  hbm_bytes    memory capacity, bytes
+  hbm_bw       memory bandwidth, bytes/s
+  ici_bw       bidirectional inter-chip bandwidth per chip, bytes/s (v5e
+               400 GB/s, v5p 1200, v6e 800; v4 twice its all-reduce bandwidth
+               per chip, 1.1 PB/s over 4096 chips; GPUs: NVLink). A ring
+               collective that sends T bytes per chip then takes T / ici_bw,
+               which is what the vendors' all-reduce bandwidths per pod give
+               (v5e: 51.2 TB/s over 256 chips = half of 400 GB/s, as an
+               all-reduce sends twice its payload)
+
+Looked up by device kind (`jax.Device.device_kind`, lower case substring) or
+by a topology name's prefix (`v5p:4x4x4` -> v5p).
+"""
+from __future__ import annotations
+
+import dataclasses
+
+GIB = 1024 ** 3
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  name: str
+  bf16_flops: float
+  int8_ops: float
+  hbm_bytes: float
+  hbm_bw: float
+  ici_bw: float
+
+
+CHIPS = {
+    "v4": Chip("TPU v4", 275e12, 275e12, 32 * GIB, 1200e9, 2 * 1.1e15 / 4096),
+    "v5e": Chip("TPU v5e", 197e12, 394e12, 16 * GIB, 819e9, 400e9),
+    "v5p": Chip("TPU v5p", 459e12, 918e12, 95 * GIB, 2765e9, 1200e9),
+    "v6e": Chip("TPU v6e", 918e12, 1836e12, 32 * GIB, 1640e9, 800e9),
+    "h100": Chip("NVIDIA H100 SXM", 989e12, 1979e12, 80e9, 3350e9, 900e9),
+    "h200": Chip("NVIDIA H200", 989e12, 1979e12, 141e9, 4800e9, 900e9),
+    "a100": Chip("NVIDIA A100 SXM", 312e12, 624e12, 80e9, 2039e9, 600e9),
+    "b200": Chip("NVIDIA B200", 2250e12, 4500e12, 180e9, 8000e9, 1800e9),
+}
+# device_kind substrings (lower case) -> table key, most specific first.
+_KINDS = (("v6 lite", "v6e"), ("v6e", "v6e"), ("v5 lite", "v5e"),
+          ("v5e", "v5e"), ("v5p", "v5p"), ("v5", "v5p"), ("v4", "v4"),
+          ("h200", "h200"), ("h100", "h100"), ("a100", "a100"),
+          ("b200", "b200"))
+
+
+def for_device_kind(kind: str) -> Chip | None:
+  kind = kind.lower()
+  for key, name in _KINDS:
+    if key in kind:
+      return CHIPS[name]
+  return None
+
+
+def for_topology(name: str) -> Chip | None:
+  """`v5p:4x4x4` -> the v5p chip; None for cpu:N and unknown names."""
+  return CHIPS.get(name.split(":")[0].lower())

@@ -1,0 +1,251 @@
+"""`--dry_run [--topology=NAME]`: compile the real train step and say what it costs.
+
+Nothing is allocated and no accelerator is needed: the step is lowered from
+abstract shapes and compiled for this host's devices, for `cpu:N` host
+devices, or for a TPU slice that libtpu describes (`v5p:4x4x4`, `v5e:16x16`,
+`v6e:8x8`, `v4:2x2x2`, ...). The report, per chip:
+
+  memory       arguments, temporaries and total from the compiler's
+               memory analysis, against the chip's HBM
+  FLOPs        matmul FLOPs counted in the optimized program (`hlo_stats`,
+               trip counts applied) next to the model's: 6 N + 12 L d T per
+               token (PaLM), plus the rematerialised forward pass
+  collectives  payload bytes per kind next to what ZeRO-3 needs (weights
+               gathered for the forward pass and again for the
+               rematerialised one, gradients reduce-scattered, per
+               microbatch)
+  estimate     a roofline of the step: every top-level op takes
+               max(FLOPs / peak, bytes / HBM bandwidth), collectives take
+               ring traffic / ICI bandwidth and overlap the ops; MFU = the
+               model's FLOPs / (step time x bf16 peak). An estimate, not a
+               measurement (chips.py has the peaks).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from bitnet_jax import chips as chips_lib
+from bitnet_jax import hlo_stats
+from bitnet_jax import sharding
+from bitnet_jax.model import count_params
+
+GIB = 1024.0 ** 3
+
+
+class TopologyError(ValueError):
+  """A --topology that cannot be had here (reported as one line)."""
+
+
+def topology_devices(name: str) -> tuple[list, chips_lib.Chip | None]:
+  """Devices to compile for, and the chip whose peaks apply (None: unknown)."""
+  if not name:
+    devices = jax.devices()
+    return devices, chips_lib.for_device_kind(devices[0].device_kind)
+  if name.startswith("cpu:"):
+    try:
+      n = int(name[4:])
+    except ValueError:
+      raise TopologyError(f"--topology={name}: expected cpu:N") from None
+    cpu = jax.devices("cpu")
+    if len(cpu) < n:
+      raise TopologyError(
+          f"--topology={name}: this process has {len(cpu)} CPU devices; set "
+          f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before "
+          "starting (python -m bitnet_jax.train does it for --topology=cpu:N)")
+    return cpu[:n], None
+  try:
+    import libtpu  # noqa: F401  (only to say how to get it)
+  except ImportError:
+    raise TopologyError(
+        f"--topology={name} compiles with the TPU compiler, which comes with "
+        "libtpu: pip install -r requirements-tpu.txt (no TPU needed)") from None
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # quiet libtpu
+  from jax.experimental import topologies
+  try:
+    desc = topologies.get_topology_desc(topology_name=name, platform="tpu")
+  except Exception as e:  # libtpu's own message names the problem
+    raise TopologyError(f"--topology={name}: {str(e).splitlines()[0]}") from None
+  return list(desc.devices), chips_lib.for_topology(name)
+
+
+def model_flops_per_token(setup) -> tuple[float, float]:
+  """(the model's FLOPs per token, the same plus the rematerialised forward)."""
+  cfg = setup.model_cfg
+  layer_params = count_params(setup.abstract.params["layers"]) if (
+      "layers" in setup.abstract.params) else sum(
+          count_params(v) for k, v in setup.abstract.params.items()
+          if k.startswith("layer_"))
+  attention_fwd = 4.0 * cfg.num_layers * cfg.d_model * cfg.max_len
+  remat = 2.0 * layer_params + attention_fwd if cfg.remat == "full" else (
+      attention_fwd if cfg.remat == "dots" else 0.0)
+  return setup.flops_per_token, setup.flops_per_token + remat
+
+
+def zero3_payload(setup, config) -> float:
+  """Collective payload bytes per chip that ZeRO-3 needs for one step: every
+  fsdp-sharded weight gathered (in the compute dtype) for the forward pass,
+  again for the rematerialised one, and its gradient reduce-scattered; each
+  microbatch does it again."""
+  fsdp = setup.mesh.shape["fsdp"] * setup.mesh.shape["data"]
+  if fsdp == 1:
+    return 0.0
+  itemsize = jnp.dtype(setup.model_cfg.compute_dtype).itemsize
+  gathered = 0
+  flat = jax.tree_util.tree_flatten_with_path(setup.abstract.params)[0]
+  for path, leaf in flat:
+    keys = [getattr(p, "key", "") for p in path]
+    if keys[0] == "embed" and not setup.model_cfg.tie_embeddings:
+      continue  # looked up by rows (all-to-all of activations), not gathered
+    if "fsdp" in str(leaf.sharding.spec) or "data" in str(leaf.sharding.spec):
+      tensor = math.prod(leaf.sharding.mesh.shape[a] for a in _axes(leaf)
+                         if a == "tensor")
+      gathered += math.prod(leaf.shape) // tensor
+  passes = 3 if setup.model_cfg.remat == "full" else 2
+  return float(gathered * itemsize * passes * config.train.microbatches)
+
+
+def _axes(leaf) -> list[str]:
+  out = []
+  for entry in leaf.sharding.spec:
+    if entry is None:
+      continue
+    out += list(entry) if isinstance(entry, tuple) else [entry]
+  return out
+
+
+def roofline(stats: hlo_stats.ProgramStats, chip: chips_lib.Chip) -> dict:
+  """Seconds for compute+memory (per op, the larger of the two) and for
+  collectives (ring traffic over ICI); the step is the larger (overlap)."""
+  ops_s = 0.0
+  for op in stats.ops:
+    int8 = sum(f for d, f in op.flops.items() if d in ("s8", "u8", "s4", "u4"))
+    rest = sum(op.flops.values()) - int8
+    compute = rest / chip.bf16_flops + int8 / chip.int8_ops
+    ops_s += op.count * max(compute, op.bytes / chip.hbm_bw)
+  collective_s = stats.collective_bytes(traffic=True) / chip.ici_bw
+  compute_s = sum(f / (chip.int8_ops if d in ("s8", "u8", "s4", "u4")
+                       else chip.bf16_flops) for d, f in stats.flops.items())
+  return {"compute_s": compute_s, "hbm_s": stats.hbm_bytes / chip.hbm_bw,
+          "ops_s": ops_s, "collective_s": collective_s,
+          "step_s": max(ops_s, collective_s)}
+
+
+def compile_step(config, devices):
+  """(setup, compiled train step, seconds to compile) for `devices`."""
+  from bitnet_jax import trainer
+  setup = trainer.build(config, devices)
+  bits = setup.model_cfg.act_bits
+  start = time.time()
+  with setup.context():
+    lowered = setup.steps[bits].lower(setup.abstract,
+                                      trainer.abstract_batch(config, setup.mesh))
+    try:
+      compiled = lowered.compile()
+    except Exception as e:  # the TPU compiler refuses what cannot fit
+      text = str(e)
+      if "RESOURCE_EXHAUSTED" not in text and "out of memory" not in text.lower():
+        raise
+      detail = next((l.strip() for l in text.splitlines() if l.strip()), text)
+      raise MemoryError(f"the step does not fit: {detail[:300]}; raise "
+                        "train.microbatches or use a larger slice") from None
+  return setup, compiled, time.time() - start
+
+
+def report(config, topology: str = "") -> dict[str, Any]:
+  """Compile the step for `topology` and return the per-chip report."""
+  devices, chip = topology_devices(topology)
+  setup, compiled, seconds = compile_step(config, devices)
+  return summarize(config, setup, compiled, chip, topology, seconds)
+
+
+def summarize(config, setup, compiled, chip: chips_lib.Chip | None,
+              topology: str = "", seconds: float = 0.0) -> dict[str, Any]:
+  devices = list(setup.mesh.devices.flat)
+  n = len(devices)
+  mem = compiled.memory_analysis()
+  out: dict[str, Any] = {
+      "topology": topology or f"{n} x {devices[0].device_kind}",
+      "chip": chip.name if chip else devices[0].device_kind,
+      "devices": n, "mesh": dict(setup.mesh.shape),
+      "microbatches": config.train.microbatches,
+      "params": setup.params_total, "compile_s": round(seconds, 1),
+      "argument_gib": mem.argument_size_in_bytes / GIB,
+      "output_gib": mem.output_size_in_bytes / GIB,
+      "alias_gib": mem.alias_size_in_bytes / GIB,
+      "temp_gib": mem.temp_size_in_bytes / GIB,
+  }
+  out["total_gib"] = (out["argument_gib"] + out["output_gib"]
+                      - out["alias_gib"] + out["temp_gib"])
+  if chip:
+    out["hbm_gib"] = chip.hbm_bytes / GIB
+    out["fits"] = out["total_gib"] <= out["hbm_gib"]
+  stats = hlo_stats.analyze(compiled.as_text(), n)
+  tokens = config.data.batch_size * config.model.seq_len / n
+  model_fpt, needed_fpt = model_flops_per_token(setup)
+  out.update(
+      tokens_per_chip=tokens, model_flops=model_fpt * tokens,
+      needed_flops=needed_fpt * tokens, program_flops=stats.matmul_flops,
+      program_flops_by_dtype=stats.flops, hbm_bytes=stats.hbm_bytes,
+      collectives=stats.by_kind(),
+      collective_payload=stats.collective_bytes(),
+      zero3_payload=zero3_payload(setup, config),
+      unknown_trip_counts=stats.unknown_trip_counts)
+  if chip:
+    est = roofline(stats, chip)
+    est["mfu"] = out["model_flops"] / (est["step_s"] * chip.bf16_flops)
+    est["tokens_per_s_per_chip"] = tokens / est["step_s"]
+    out["estimate"] = est
+  return out
+
+
+def format_report(r: dict[str, Any]) -> str:
+  g = lambda b: f"{b / GIB:.2f} GiB"  # noqa: E731
+  lines = [
+      f"dry run: {r['params'] / 1e9:.3f}B parameters, {r['topology']} "
+      f"({r['devices']} x {r['chip']}), mesh {r['mesh']}, "
+      f"{r['microbatches']} microbatch(es), compiled in {r['compile_s']} s",
+      f"  memory per chip: arguments {r['argument_gib']:.2f} GiB, temporaries "
+      f"{r['temp_gib']:.2f} GiB, total {r['total_gib']:.2f} GiB"
+      + (f" of {r['hbm_gib']:.1f} GiB HBM" if "hbm_gib" in r else ""),
+      f"  FLOPs per chip: program {r['program_flops']:.3e} (matmuls, loops "
+      f"counted), model {r['model_flops']:.3e}, model + remat "
+      f"{r['needed_flops']:.3e} (ratio {r['program_flops'] / r['needed_flops']:.2f})",
+      f"  HBM traffic per chip (estimate): {g(r['hbm_bytes'])}",
+  ]
+  kinds = ", ".join(f"{k} {v['count']:.0f}x {g(v['payload_bytes'])}"
+                    for k, v in sorted(r["collectives"].items())) or "none"
+  lines.append(f"  collectives per chip: {kinds}; payload "
+               f"{g(r['collective_payload'])} vs ZeRO-3 {g(r['zero3_payload'])}")
+  if r["unknown_trip_counts"]:
+    lines.append(f"  warning: loops counted once (no trip count): "
+                 f"{r['unknown_trip_counts']}")
+  est = r.get("estimate")
+  if est:
+    lines.append(
+        f"  estimate (roofline, not a measurement): step {est['step_s']:.3f} s "
+        f"(ops {est['ops_s']:.3f} s: compute {est['compute_s']:.3f}, HBM "
+        f"{est['hbm_s']:.3f}; collectives {est['collective_s']:.3f} s), "
+        f"{est['tokens_per_s_per_chip']:.0f} tokens/s/chip, MFU "
+        f"{100 * est['mfu']:.1f}%")
+  return "\n".join(lines)
+
+
+def check_fits(r: dict[str, Any]) -> None:
+  if r.get("fits") is False:
+    raise MemoryError(
+        f"needs {r['total_gib']:.1f} GiB per chip, the chip has "
+        f"{r['hbm_gib']:.1f} GiB; raise train.microbatches or use a larger "
+        "slice")
+
+
+def write_json(r: dict[str, Any], path: str) -> None:
+  with open(path, "w") as f:
+    json.dump(r, f, indent=2, default=float)
