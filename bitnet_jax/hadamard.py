@@ -232,3 +232,48 @@ def _fwht_bwd(block_size, _, g):
 
 fwht.defvjp(_fwht_fwd, _fwht_bwd)
 
+
+def shardable(n: int, shards: int) -> bool:
+  """Whether `fwht_sharded` can transform a size-n axis split in `shards`
+  contiguous pieces: n a power of two (H_n = H_t (x) H_{n/t}) and n >= t^2."""
+  return (shards > 1 and n & (n - 1) == 0 and shards & (shards - 1) == 0
+          and n >= shards * shards)
+
+
+def fwht_sharded(x: jax.Array, axis_name: str, shards: int,
+                 block_size: int = DEFAULT_BLOCK_SIZE,
+                 batch_axes=None) -> jax.Array:
+  """`fwht(x)` for an x whose last axis is split in `shards` contiguous
+  pieces over the mesh axis `axis_name` (tensor parallelism), without
+  gathering it. H_n = H_t (x) H_{n/t} for Sylvester sizes, so each shard
+  transforms its own piece (H_{n/t}, local butterflies) and one cross-shard
+  stage mixes the t pieces (H_t): an all-to-all gives every shard one chunk
+  of every piece, a t-point transform mixes them, and an all-to-all returns
+  the chunks. Traffic: 2 (t - 1) / t^2 of the activation per shard, against
+  (t - 1) / t for gathering it. Must run under `jax.set_mesh`; `batch_axes`
+  (mesh axes splitting the leading axis) keeps the batch sharded inside. The
+  backward pass is the same transform (H is symmetric), by autodiff."""
+  n = x.shape[-1]
+  if not shardable(n, shards):
+    raise ValueError(f"fwht_sharded: size {n} over {shards} shards needs a "
+                     "power of two at least shards^2")
+  spec = jax.sharding.PartitionSpec(batch_axes, *([None] * (x.ndim - 2)),
+                                    axis_name)
+  h_t = jnp.asarray(sylvester_matrix(shards), jnp.float32) / np.sqrt(shards)
+
+  def local(piece):  # piece [..., n / t]; fwht normalises by sqrt(n / t)
+    y = fwht(piece, block_size).astype(jnp.float32)
+    lead, m = y.shape[:-1], y.shape[-1]
+    chunks = y.reshape(*lead, shards, m // shards)
+    # chunk c of every shard's piece -> shard c, stacked on a new axis
+    gathered = jax.lax.all_to_all(chunks, axis_name, split_axis=len(lead),
+                                  concat_axis=len(lead), tiled=False)
+    mixed = jnp.tensordot(gathered, h_t, axes=[[len(lead)], [1]],
+                          precision=jax.lax.Precision.HIGHEST)
+    mixed = jnp.moveaxis(mixed, -1, len(lead))
+    back = jax.lax.all_to_all(mixed, axis_name, split_axis=len(lead),
+                              concat_axis=len(lead), tiled=False)
+    return back.reshape(*lead, m).astype(piece.dtype)
+
+  return jax.shard_map(local, in_specs=spec, out_specs=spec)(x)
+

@@ -27,6 +27,7 @@ import jax.numpy as jnp
 
 from bitnet_jax import hadamard
 from bitnet_jax import quant as quantizers
+from bitnet_jax import sharding
 
 ROTATIONS = ("none", "activation", "weight_and_activation")
 WEIGHT_FORMS = ("latent", "int8", "packed")
@@ -112,6 +113,17 @@ def rotate_input_axis(w: jax.Array, block_size: int) -> jax.Array:
   return hadamard.fwht(flat.T, block_size).T.reshape(w.shape)
 
 
+def rotate(x: jax.Array, block_size: int, logical_axis: str | None) -> jax.Array:
+  """The layer-input Hadamard. When tensor parallelism splits the feature
+  axis (the W_o / W_down inputs: heads, mlp), the distributed FWHT: local
+  butterflies and one cross-shard stage instead of gathering the activation."""
+  split = sharding.feature_split(logical_axis, x.shape[0]) if x.ndim > 1 else None
+  if split and hadamard.shardable(x.shape[-1], split[1]):
+    axis, shards, batch_axes = split
+    return hadamard.fwht_sharded(x, axis, shards, block_size, batch_axes)
+  return hadamard.fwht(x, block_size)
+
+
 class RMSNorm(nn.Module):
   """Root-mean-square normalisation with a learned per-channel scale."""
   eps: float = 1e-6
@@ -175,7 +187,7 @@ class BitLinear(nn.Module):
       x = RMSNorm(self.norm_eps, self.kernel_axes[0], name="norm")(x)
     if self.rotation != "none":
       self.sow("intermediates", "pre_rotation", x)
-      x = hadamard.fwht(x, cfg.hadamard_block_size)
+      x = rotate(x, cfg.hadamard_block_size, self.kernel_axes[0])
     self.sow("intermediates", "quant_input", x)
     if cfg.topk_ratio is not None:
       x = quantizers.sparsify_topk(x, cfg.topk_ratio)
@@ -204,7 +216,7 @@ class BitLinear(nn.Module):
     if self.use_norm:
       x = RMSNorm(self.norm_eps, self.kernel_axes[0], name="norm")(x)
     if self.rotation != "none":
-      x = hadamard.fwht(x, cfg.hadamard_block_size)
+      x = rotate(x, cfg.hadamard_block_size, self.kernel_axes[0])
     if cfg.topk_ratio is not None:
       x = quantizers.sparsify_topk(x, cfg.topk_ratio)
     x_codes, x_scale = quantizers.activation_codes(x, cfg.act_bits)

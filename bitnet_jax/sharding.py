@@ -70,6 +70,27 @@ def state_shardings(abstract_boxed_state, mesh: Mesh, rules) -> Any:
   return nn.logical_to_mesh_sharding(specs, mesh, rules)
 
 
+def feature_split(logical_axis: str | None, batch: int):
+  """For an activation [batch, ..., features] whose feature axis is named
+  `logical_axis`: (mesh axis splitting the features, its size, the mesh
+  axes splitting the batch) under the rules and mesh in context; None when
+  the features are unsplit, the batch does not divide, or there is no mesh
+  (`jax.set_mesh`) or rules in context."""
+  rules = nn.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if logical_axis is None or not rules or mesh.empty:
+    return None
+  axis = nn.logical_to_mesh_axes((logical_axis,), rules)[0]
+  if not (isinstance(axis, str) and mesh.shape.get(axis, 1) > 1):
+    return None
+  batch_axes = nn.logical_to_mesh_axes(("activation_batch",), rules)[0]
+  names = (batch_axes if isinstance(batch_axes, tuple) else
+           (batch_axes,) if batch_axes else ())
+  if axis in names or batch % math.prod(mesh.shape[a] for a in names):
+    return None
+  return axis, mesh.shape[axis], batch_axes
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
