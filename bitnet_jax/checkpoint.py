@@ -5,9 +5,12 @@
 (step, params, optimizer state; restored straight onto the target shardings)
 and `data` (grain's JSON iterator state, one file per process).
 
-Start-up resumes the latest readable step. A step that cannot be restored
-(truncated or corrupted files) is logged with the reason, renamed to
-`<step>.unreadable`, and the previous step is tried.
+Start-up resumes the latest readable step. A saved state that is not this
+config's (another width, another optimizer setting) stops with one line and
+nothing is changed; a transient read error stops likewise. Only a step whose
+own files cannot be read (truncated, corrupted) is set aside, renamed
+`<step>.unreadable-<n>`, and the previous step tried; with steps set aside and
+none left, a fresh start needs train.allow_fresh_start.
 
 `restore_init_from` implements the a8 -> a4 continuation across runs: it
 restores params, optimizer state and step from another run's workdir (or one
@@ -55,6 +58,24 @@ def check_param_shapes(saved_params, target_params, source: str) -> None:
                        f"the checkpoint but {target[name]} in this config")
 
 
+_TRANSIENT = ("PERMISSION_DENIED", "Permission denied", "UNAVAILABLE",
+              "DEADLINE_EXCEEDED", "timed out", "Connection reset")
+
+
+def _first_line(e: Exception) -> str:
+  text = str(e).strip()
+  return (text.splitlines()[0] if text else repr(e))[:300]
+
+
+def _is_transient(e: Exception) -> bool:
+  return isinstance(e, (PermissionError, TimeoutError, ConnectionError)) or any(
+      t in str(e) for t in _TRANSIENT)
+
+
+def _is_mismatch(e: Exception) -> bool:
+  return isinstance(e, ValueError) and "do not match" in str(e)
+
+
 def _composite_restore(abstract_state, data_iter):
   items = {"state": ocp.args.StandardRestore(abstract_state)}
   if data_iter is not None:
@@ -96,28 +117,89 @@ class Checkpointer:
     tree = getattr(meta, "tree", meta)
     return tree["params"]
 
-  def restore_latest(self, abstract_state, data_iter=None):
-    """(state, step) of the newest readable step, or (None, None) if none."""
+  def saved_leaves(self, step: int) -> list[tuple[tuple[int, ...], str]]:
+    """(shape, dtype) of every array of a saved state, in tree order."""
+    meta = self.manager.item_metadata(step)["state"]
+    tree = getattr(meta, "tree", meta)
+    return [(tuple(l.shape), str(l.dtype)) for l in jax.tree.leaves(tree)
+            if hasattr(l, "shape")]
+
+  def check_compatible(self, step: int, abstract_state) -> None:
+    """Refuse (one line, nothing renamed) a saved state that is not this
+    config's: the first parameter whose name or shape differs, else the
+    optimizer state's layout (e.g. another opt.grad_clip or optimizer)."""
+    where = f"checkpoint step {step} in {self.directory}"
+    fix = ("resume with the settings the run was started with (its "
+           "config.json), or start a new run in another --workdir")
+    try:
+      saved_params, saved = self.saved_params(step), self.saved_leaves(step)
+    except Exception:  # unreadable metadata: restore_latest sets it aside
+      return
+    try:
+      check_param_shapes(saved_params, abstract_state.params, where)
+    except ValueError as e:
+      raise CheckpointError(f"{e}; {fix}") from None
+    target = [(tuple(l.shape), str(l.dtype)) for l in jax.tree.leaves(abstract_state)]
+    if sorted(saved) != sorted(target):
+      raise CheckpointError(
+          f"{where}: the saved optimizer state has {len(saved)} arrays, this "
+          f"config's has {len(target)} (different opt settings, e.g. "
+          f"opt.grad_clip or the optimizer); {fix}")
+
+  def restore_latest(self, abstract_state, data_iter=None,
+                     allow_fresh_start: bool = False):
+    """(state, step) of the newest readable step, or (None, None) if none.
+
+    A saved state that does not match this config stops with one line and
+    changes nothing. A step whose files cannot be read is set aside (renamed
+    `<step>.unreadable-<n>`) and the previous step tried; a transient error
+    (permission, unavailable storage) stops without renaming. With steps set
+    aside and none left, starting over needs `allow_fresh_start`."""
     steps = sorted(self.manager.all_steps(), reverse=True)
+    if steps:
+      self.check_compatible(steps[0], abstract_state)
     for step in steps:
       try:
         return self.restore(step, abstract_state, data_iter), step
       except Exception as e:  # orbax/tensorstore raise many types
-        reason = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-        logging.error("checkpoint step %d in %s cannot be restored (%s: %s); "
-                      "moving it aside and trying the previous step", step,
-                      self.directory, type(e).__name__, reason[:300])
+        reason = _first_line(e)
+        where = f"checkpoint step {step} in {self.directory}"
+        if _is_transient(e):
+          raise CheckpointError(f"{where} could not be read now ({reason}); "
+                                "nothing was changed: retry when the storage "
+                                "answers") from None
+        if _is_mismatch(e):
+          raise CheckpointError(
+              f"{where} does not match this config ({reason}); resume with "
+              "the settings the run was started with (its config.json: e.g. "
+              "opt.grad_clip), or start a new run in another --workdir"
+              ) from None
+        logging.error("%s cannot be restored (%s: %s); setting it aside and "
+                      "trying the previous step", where, type(e).__name__,
+                      reason)
         self._set_aside(step)
-    if steps:
-      raise CheckpointError(f"no checkpoint in {self.directory} could be "
-                            f"restored (tried steps {steps}); see the log")
+    aside = self.set_aside_steps()
+    if aside and not allow_fresh_start:
+      raise CheckpointError(
+          f"no checkpoint in {self.directory} can be restored; unreadable steps "
+          f"set aside: {', '.join(aside)}. Refusing to start from step 0: set "
+          "--config.train.allow_fresh_start=true to do so, or repair them")
     return None, None
+
+  def set_aside_steps(self) -> list[str]:
+    if not self.directory.exists():
+      return []
+    return sorted(p.name for p in self.directory.iterdir()
+                  if re.fullmatch(r"\d+\.unreadable(-\d+)?", p.name))
 
   def _set_aside(self, step: int) -> None:
     if jax.process_index() == 0:
       src = self.directory / str(step)
       if src.exists():
-        src.rename(self.directory / f"{step}.unreadable")
+        n = 0
+        while (self.directory / f"{step}.unreadable-{n}").exists():
+          n += 1
+        src.rename(self.directory / f"{step}.unreadable-{n}")
     self.manager.reload()
 
   def reached_preemption(self, step: int) -> bool:

@@ -127,6 +127,7 @@ def base_config() -> ml_collections.ConfigDict:
   t.analysis_every = 0             # steps between activation summaries; 0 = off
   t.peak_flops = 0.0               # per-device peak FLOP/s for MFU; 0 = look up
   t.require_init_from = False      # refuse to start fresh (a4 continuation configs)
+  t.allow_fresh_start = False      # start at step 0 although unreadable steps were set aside
   return c
 
 

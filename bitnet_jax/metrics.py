@@ -125,13 +125,20 @@ def progress_line(step: int, stop: int, m: Mapping[str, float]) -> str:
   return " | ".join(parts)
 
 
-def check_finite(step: int, loss: float, last_checkpoint: int | None,
-                 ckpt_dir: str) -> None:
-  if not math.isfinite(loss):
-    where = (f"the last good checkpoint is step {last_checkpoint} in {ckpt_dir}"
-             if last_checkpoint is not None else "no checkpoint was written yet")
-    raise FloatingPointError(f"loss is {loss} at step {step}; stopping ({where}; "
-                             "lower opt.lr or raise opt.warmup_steps)")
+def check_finite(step: int, metrics: Mapping[str, float],
+                 last_checkpoint: int | None, ckpt_dir: str) -> None:
+  """Stop at the first update whose loss, gradient norm or parameters are not
+  finite. `step` counts updates done (as metrics.jsonl and checkpoints do)."""
+  if metrics.get("finite", 1.0) and math.isfinite(metrics["loss"]) and (
+      math.isfinite(metrics.get("grad_norm", 0.0))):
+    return
+  what = (f"loss {metrics['loss']}, gradient norm {metrics.get('grad_norm')}"
+          + ("" if metrics.get("finite", 1.0) else ", parameters not finite"))
+  where = (f"the last good checkpoint is step {last_checkpoint} in {ckpt_dir}"
+           if last_checkpoint is not None else "no checkpoint was written yet")
+  raise FloatingPointError(
+      f"update {step} is not finite ({what}); stopping without saving it "
+      f"({where}; resume with a lower opt.lr or a longer opt.warmup_steps)")
 
 
 _NOISY = ("/orbax/", "/grain/", "/jax/_src/", "/tensorflow_datasets/", "/etils/")

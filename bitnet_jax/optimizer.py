@@ -87,8 +87,12 @@ def make_optimizer(opt, num_steps: int) -> optax.GradientTransformation:
 
 def current_hyperparams(opt_state) -> dict[str, jax.Array]:
   """The learning rate and weight decay the last update used (from the state)."""
-  for s in opt_state:
+  stack = [opt_state]
+  while stack:  # chains nest states in tuples
+    s = stack.pop(0)
     if hasattr(s, "hyperparams"):
       return {"lr": s.hyperparams["learning_rate"],
               "wd": s.hyperparams["weight_decay"]}
+    if isinstance(s, (tuple, list)):
+      stack.extend(s)
   raise ValueError("optimizer state has no injected hyperparameters")

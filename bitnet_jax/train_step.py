@@ -115,8 +115,15 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
     hyper = optimizer_lib.current_hyperparams(opt_state)
-    metrics = {"loss": loss, "grad_norm": optax.global_norm(grads),
-               "lr": hyper["lr"], "wd": hyper["wd"], "tokens": count}
+    grad_norm = optax.global_norm(grads)
+    # 1.0 iff the loss, the gradient norm and every updated parameter are
+    # finite: the loop reads it before a save (never a NaN checkpoint).
+    finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+    for leaf in jax.tree.leaves(params):
+      finite &= jnp.all(jnp.isfinite(leaf))
+    metrics = {"loss": loss, "grad_norm": grad_norm, "lr": hyper["lr"],
+               "wd": hyper["wd"], "tokens": count,
+               "finite": finite.astype(jnp.float32)}
     return state.replace(step=state.step + 1, params=params,
                          opt_state=opt_state), metrics
   return train_step

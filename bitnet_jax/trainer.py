@@ -221,7 +221,8 @@ def load_data(config, workdir):
 
 def initial_state(setup: Setup, config, ckpt: ckpt_lib.Checkpointer, data_iter):
   """Resume this workdir, else continue init_from, else initialise."""
-  state, step = ckpt.restore_latest(setup.abstract, data_iter)
+  state, step = ckpt.restore_latest(setup.abstract, data_iter,
+                                    config.train.allow_fresh_start)
   if state is not None:
     logging.info("resumed step %d from %s", step, ckpt.directory)
     return state, step, "resumed"
@@ -316,8 +317,9 @@ class Loop:
   def consume(self, step: int, metrics) -> None:
     """Read one step's metrics (a host sync on that step only) and log."""
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    metrics_lib.check_finite(step, m["loss"], self.last_ckpt,
+    metrics_lib.check_finite(step + 1, m, self.last_ckpt,
                              str(self.ckpt.directory))
+    m.pop("finite", None)
     self.timer.consumed(step)
     if self.summary["first_loss"] is None:
       self.summary["first_loss"] = m["loss"]
@@ -393,10 +395,11 @@ class Loop:
         self.analyze(state, done)
       preempted = self.preemption.requested or self.ckpt.reached_preemption(done)
       if done % train_cfg.ckpt_every == 0 or preempted:
+        if pending is not None:  # a save counts only if this update is finite
+          self.consume(*pending)
+          pending = None
         self.save(state, done, force=preempted)
       if preempted:
-        if pending is not None:
-          self.consume(*pending)
         self.ckpt.wait()
         logging.warning("preempted: saved step %d in %s", done,
                         self.ckpt.directory)

@@ -26,7 +26,7 @@ def fresh_state(setup, seed=0):
 
 
 class NoCkpt:
-  def restore_latest(self, abstract, data_iter):
+  def restore_latest(self, abstract, data_iter, *args):
     return None, None
 
 
@@ -88,10 +88,15 @@ def test_corrupted_latest_falls_back_to_previous(tmp_path, setup, caplog):
   for a, b in zip(leaves(restored), leaves(s1)):
     np.testing.assert_array_equal(a, b)
   assert "checkpoint step 20" in caplog.text and "cannot be restored" in caplog.text
-  assert (tmp_path / "checkpoints" / "20.unreadable").exists()
+  assert (tmp_path / "checkpoints" / "20.unreadable-0").exists()
   damage(str(tmp_path / "checkpoints" / "10"))
-  with pytest.raises(ckpt_lib.CheckpointError, match="could be restored"):
+  with pytest.raises(ckpt_lib.CheckpointError,
+                     match="set aside: 10.unreadable-0, 20.unreadable-0. "
+                     "Refusing to start from step 0"):
     ckpt_lib.Checkpointer(str(tmp_path)).restore_latest(setup.abstract)
+  state, step = ckpt_lib.Checkpointer(str(tmp_path)).restore_latest(
+      setup.abstract, allow_fresh_start=True)
+  assert state is None and step is None
 
 
 def test_init_from_resolution_and_shape_mismatch(tmp_path, setup):
@@ -114,3 +119,51 @@ def test_init_from_resolution_and_shape_mismatch(tmp_path, setup):
   with pytest.raises(ValueError, match=r"parameter .*ffn/down/kernel has shape "
                      r"\(2, 64, 32\) in the checkpoint but \(2, 128, 32\)"):
     ckpt_lib.restore_init_from(str(root), other.abstract)
+
+
+def snapshot(directory):
+  """{relative path: bytes} of every file under a directory."""
+  out = {}
+  for root, _, files in os.walk(directory):
+    for f in files:
+      path = os.path.join(root, f)
+      with open(path, "rb") as fh:
+        out[os.path.relpath(path, directory)] = fh.read()
+  return out
+
+
+def test_a_config_mismatch_refuses_and_changes_nothing(tmp_path, setup):
+  """Another width, or another optimizer layout (opt.grad_clip=0 drops the
+  clipping state): one line naming the problem; every step stays, byte for
+  byte; the right config then resumes the latest step."""
+  ck = ckpt_lib.Checkpointer(str(tmp_path), keep=3, async_save=False)
+  for step in (10, 20, 30):
+    ck.save(step, fresh_state(setup, step), None)
+  ck.close()
+  before = snapshot(tmp_path / "checkpoints")
+  wider = small_config((2, 2, 2))
+  wider.model.d_model = 64
+  no_clip = small_config((2, 2, 2))
+  no_clip.opt.grad_clip = 0.0
+  for config, message in ((wider, r"parameter \S+ has shape"),
+                          (no_clip, "does not match this config .*opt.grad_clip")):
+    other = trainer.build(config)
+    with pytest.raises(ckpt_lib.CheckpointError, match=message):
+      ckpt_lib.Checkpointer(str(tmp_path)).restore_latest(other.abstract)
+  assert snapshot(tmp_path / "checkpoints") == before
+  _, step = ckpt_lib.Checkpointer(str(tmp_path)).restore_latest(setup.abstract)
+  assert step == 30
+
+
+def test_a_transient_read_error_renames_nothing(tmp_path, setup, monkeypatch):
+  ck = ckpt_lib.Checkpointer(str(tmp_path), keep=3, async_save=False)
+  ck.save(10, fresh_state(setup), None)
+  ck.close()
+  ck = ckpt_lib.Checkpointer(str(tmp_path))
+
+  def unreadable(*args, **kwargs):
+    raise PermissionError(13, "Permission denied", "checkpoints/10/state")
+  monkeypatch.setattr(ck, "restore", unreadable)
+  with pytest.raises(ckpt_lib.CheckpointError, match="nothing was changed"):
+    ck.restore_latest(setup.abstract)
+  assert sorted(os.listdir(tmp_path / "checkpoints")) == ["10"]

@@ -87,7 +87,7 @@ def run_steps(config, devices, n=20):
 
 
 class _NoCheckpoints:
-  def restore_latest(self, abstract, data_iter):
+  def restore_latest(self, abstract, data_iter, *args):
     return None, None
 
 

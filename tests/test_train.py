@@ -1,14 +1,18 @@
 """End-to-end training: resume after SIGKILL, a8 -> a4, errors, dry run, multi-process."""
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import time
+from typing import NamedTuple
 
 import flax.linen as nn
 import jax
+import jax.numpy as jnp
 import numpy as np
+import optax
 import orbax.checkpoint as ocp
 import pytest
 
@@ -137,13 +141,69 @@ def test_a4_switch_in_one_run(tmp_path, corpus_file):
   assert np.isfinite(summary["final_eval_loss"])
 
 
+class _PoisonState(NamedTuple):
+  count: jax.Array
+
+
+def poison_updates_at(update: int) -> optax.GradientTransformation:
+  """Turns the `update`-th parameter update (1-based) into NaN: the loss and
+  gradient of that step stay finite, the parameters it writes do not."""
+  def init(params):
+    del params
+    return _PoisonState(jnp.zeros([], jnp.int32))
+
+  def apply(updates, state, params=None):
+    del params
+    bad = state.count + 1 == update
+    updates = jax.tree.map(lambda u: jnp.where(bad, jnp.nan, u), updates)
+    return updates, _PoisonState(state.count + 1)
+  return optax.GradientTransformation(init, apply)
+
+
 @pytest.mark.slow
-def test_nan_loss_stops_with_the_step_named(tmp_path, corpus_file):
+def test_a_non_finite_update_is_never_saved(tmp_path, corpus_file, monkeypatch):
+  """Update 5 writes NaN parameters from a finite loss and gradient (what a
+  blow-up looks like one step before the loss shows it). With a checkpoint
+  every step, update 5 is not saved; the error names it and the last good
+  step (4) by update count, as metrics.jsonl does; step 4 is finite and the
+  run resumes from it."""
+  workdir = str(tmp_path)
+  real = optimizer.make_optimizer
+
+  def patched(poison_at):
+    return lambda opt_cfg, steps: optax.chain(real(opt_cfg, steps),
+                                              poison_updates_at(poison_at))
+  config = small_config(corpus_file, **{"train.ckpt_every": 1,
+                                        "train.keep_ckpts": 0})
+  monkeypatch.setattr(optimizer, "make_optimizer", patched(5))
+  with pytest.raises(FloatingPointError,
+                     match=r"update 5 is not finite \(loss [0-9.]+, gradient "
+                     r"norm [0-9.]+, parameters not finite\); stopping without "
+                     r"saving it \(the last good checkpoint is step 4 "):
+    trainer.train(config, workdir)
+  assert max(losses(workdir)) == 4  # nothing logged past the last good update
+  monkeypatch.setattr(optimizer, "make_optimizer", patched(-1))
+  setup = trainer.build(config)
+  ckpt = ckpt_lib.Checkpointer(workdir, read_only=True)
+  assert ckpt.latest_step() == 4
+  state = ckpt.restore(4, setup.abstract)
+  ckpt.close()
+  assert all(np.all(np.isfinite(np.asarray(l)))
+             for l in jax.tree.leaves(state.params))
+  summary = trainer.train(small_config(corpus_file, **{
+      "train.ckpt_every": 1, "train.stop_step": 8}), workdir)
+  assert summary["origin"] == "resumed" and summary["start_step"] == 4
+  assert np.isfinite(summary["final_eval_loss"])
+
+
+@pytest.mark.slow
+def test_diverging_run_stops_at_the_first_non_finite_update(tmp_path,
+                                                           corpus_file):
   config = small_config(corpus_file, **{
       "model.variant": "fp", "opt.lr": 1e30, "opt.lr_stage2": 1e30,
       "opt.grad_clip": 0.0, "opt.warmup_steps": 0, "train.ckpt_every": 1})
-  with pytest.raises(FloatingPointError, match=r"loss is (nan|inf) at step \d+; "
-                     r"stopping \(the last good checkpoint is step \d+"):
+  with pytest.raises(FloatingPointError, match=r"update (\d+) is not finite .*"
+                     r"the last good checkpoint is step \d+"):
     trainer.train(config, str(tmp_path))
 
 
@@ -185,16 +245,24 @@ def test_workdir_and_continuation_errors(tmp_path, corpus_file):
     assert "Traceback" not in result.stderr
 
 
-@pytest.mark.slow
-def test_dry_run_compiles_the_7b_config_on_8_cpu_devices():
-  env = dict(ENV, XLA_FLAGS="--xla_force_host_platform_device_count=8")
+def test_dry_run_cli_for_a_topology(tmp_path):
+  """`--dry_run --topology=cpu:8` from a fresh process (it sets the host
+  device count itself) prints the per-chip report and writes it as JSON."""
+  out = tmp_path / "report.json"
   result = subprocess.run(
-      [sys.executable, "-m", "bitnet_jax.train", "--config=configs/bitnet_v2_7b.py",
-       "--dry_run", "--config.train.microbatches=64"], env=env, cwd=ROOT,
-      capture_output=True, text=True, timeout=600)
+      [sys.executable, "-m", "bitnet_jax.train", "--config=configs/tiny.py",
+       "--dry_run", "--topology=cpu:8", f"--dry_run_json={out}"], env=ENV,
+      cwd=ROOT, capture_output=True, text=True, timeout=600)
   assert result.returncode == 0, result.stderr[-3000:]
-  assert "6.705B parameters" in result.stdout
-  assert "'fsdp': 8" in result.stdout and "total" in result.stdout
+  assert "cpu:8 (8 x cpu)" in result.stdout and "memory per chip" in result.stdout
+  report = json.loads(out.read_text())
+  assert report["devices"] == 8 and report["mesh"]["data"] == 8
+  assert 0.8 < report["program_flops"] / report["needed_flops"] < 1.2
+  bad = subprocess.run(
+      [sys.executable, "-m", "bitnet_jax.train", "--config=configs/tiny.py",
+       "--workdir=/tmp/unused", "--topology=cpu:8"], env=ENV, cwd=ROOT,
+      capture_output=True, text=True, timeout=300)
+  assert bad.returncode != 0 and "--topology is for --dry_run" in bad.stderr
 
 
 @pytest.mark.slow
