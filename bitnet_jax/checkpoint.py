@@ -212,6 +212,12 @@ class Checkpointer:
     self.manager.close()
 
 
+def has_checkpoint(workdir: str) -> bool:
+  """Whether a workdir holds a saved step (its run would resume)."""
+  d = epath.Path(workdir) / CHECKPOINT_DIR
+  return d.is_dir() and any(re.fullmatch(r"\d+", c.name) for c in d.iterdir())
+
+
 def resolve_checkpoint(path: str) -> tuple[epath.Path, int]:
   """(checkpoints directory, step) for a workdir, checkpoints dir or step dir."""
   p = epath.Path(path)
@@ -229,13 +235,24 @@ def resolve_checkpoint(path: str) -> tuple[epath.Path, int]:
                           f"a workdir with {CHECKPOINT_DIR}/<step>/state)")
 
 
+def check_init_from(path: str, abstract_state) -> None:
+  """ValueError naming the first parameter of another run's latest step that
+  does not fit this config (before anything is copied from that run)."""
+  directory, step = resolve_checkpoint(path)
+  source = Checkpointer("", read_only=True, directory=str(directory))
+  try:
+    check_param_shapes(source.saved_params(step), abstract_state.params,
+                       f"init_from {directory / str(step)}")
+  finally:
+    source.close()
+
+
 def restore_init_from(path: str, abstract_state, data_iter=None
                       ) -> tuple[Any, int, bool]:
   """Restore another run's state (a8 -> a4). Returns (state, step, data_ok)."""
   directory, step = resolve_checkpoint(path)
+  check_init_from(path, abstract_state)
   source = Checkpointer("", read_only=True, directory=str(directory))
-  check_param_shapes(source.saved_params(step), abstract_state.params,
-                     f"init_from {directory / str(step)}")
   try:
     state = source.restore(step, abstract_state)
   except Exception as e:

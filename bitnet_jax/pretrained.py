@@ -1,7 +1,9 @@
 """A trained run, loaded for evaluation, analysis and generation.
 
 `load(workdir)` reads the run's `config.json`, its tokenizer and the params of
-its latest (or a given) checkpoint step; the optimizer state is not read.
+its latest (or a given) checkpoint step; the optimizer state is not read. The
+model runs with the activation bits that step trained with (a run that
+switched a8 -> a4 at quant.a4_start_step is a 4-bit model after it).
 Model settings that do not change parameter shapes can be overridden at load
 time, e.g. `q_bits=4, kv_bits=3` to evaluate with low-bit attention states
 (Tables 2-3) or `act_bits=4`.
@@ -72,6 +74,16 @@ class Pretrained:
     return jax.jit(score)
 
 
+def trained_bits(config, step: int) -> int:
+  """Activation bits of the last update before checkpoint `step` (step N
+  holds N updates): 4 once a run that switches (quant.a4_start_step) has
+  made a 4-bit update, else quant.act_bits."""
+  a4 = config.quant.get("a4_start_step", -1)
+  if a4 is not None and a4 >= 0 and step - 1 >= a4:
+    return 4
+  return config.quant.act_bits
+
+
 def load(workdir: str, *, step: int | None = None,
          config: ml_collections.ConfigDict | None = None,
          **overrides) -> Pretrained:
@@ -88,6 +100,7 @@ def load(workdir: str, *, step: int | None = None,
   ckpt_lib.check_param_shapes(reader.saved_params(step), abstract,
                               f"{directory / str(step)} vs its config")
   reader.close()
+  model_cfg = model_cfg.replace(act_bits=trained_bits(config, step))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   item = {"params": abstract}
   restored = ocp.PyTreeCheckpointer().restore(

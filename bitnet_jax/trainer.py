@@ -273,6 +273,9 @@ def train(config, workdir: str, preemption: Preemption | None = None) -> dict:
   if config.init_from:
     ckpt_lib.resolve_checkpoint(config.init_from)  # fail before compiling
   setup = build(config)
+  if config.init_from and not ckpt_lib.has_checkpoint(workdir):
+    # before the tokenizer (or anything else) is taken from that run
+    ckpt_lib.check_init_from(config.init_from, setup.abstract)
   metrics_lib.quiet_library_logs()
   metrics_lib.log_to_file(workdir)
   tokens_per_step = config.data.batch_size * config.model.seq_len

@@ -138,6 +138,11 @@ def test_a4_switch_in_one_run(tmp_path, corpus_file):
   summary = trainer.train(config, str(tmp_path))
   recs = losses(str(tmp_path))
   assert [recs[s]["act_bits"] for s in range(10, 17)] == [8, 8, 8, 4, 4, 4, 4]
+  # evaluation, analysis and export load it with the bits each step used
+  from bitnet_jax import pretrained
+  assert pretrained.load(str(tmp_path)).model_cfg.act_bits == 4
+  assert pretrained.load(str(tmp_path), step=10).model_cfg.act_bits == 8
+  assert pretrained.load(str(tmp_path), step=16, act_bits=8).model_cfg.act_bits == 8
   assert np.isfinite(summary["final_eval_loss"])
 
 
@@ -294,3 +299,16 @@ def test_tiny_config_loss_falls(tmp_path):
   recs = losses(str(tmp_path))
   first_logged = recs[min(recs)]["loss"]
   assert recs[100]["loss"] < 0.7 * first_logged
+
+
+@pytest.mark.slow
+def test_failed_init_from_takes_nothing_from_the_other_run(tmp_path, trained_run,
+                                                          corpus_file):
+  """A width mismatch with the init_from run is refused before its tokenizer
+  is copied, so a retry with the right run cannot inherit the wrong one."""
+  workdir = str(tmp_path / "a4")
+  config = small_config(corpus_file, **{"model.d_model": 64})
+  config.init_from = trained_run
+  with pytest.raises(ValueError, match="has shape"):
+    trainer.train(config, workdir)
+  assert not os.path.exists(os.path.join(workdir, "tokenizer.model"))
