@@ -10,10 +10,10 @@ devices, or for a TPU slice that libtpu describes (`v5p:4x4x4`, `v5e:16x16`,
   FLOPs        matmul FLOPs counted in the optimized program (`hlo_stats`,
                trip counts applied) next to the model's: 6 N + 12 L d T per
                token (PaLM), plus the rematerialised forward pass
-  collectives  payload bytes per kind next to what ZeRO-3 needs (weights
-               gathered for the forward pass and again for the
+  collectives  payload bytes per kind next to what the layout needs (ZeRO-3:
+               weights gathered for the forward pass and again for the
                rematerialised one, gradients reduce-scattered, per
-               microbatch)
+               microbatch; data parallelism: gradients all-reduced)
   estimate     a roofline of the step: every top-level op takes
                max(FLOPs / peak, bytes / HBM bandwidth), collectives take
                ring traffic / ICI bandwidth and overlap the ops; MFU = the
@@ -67,10 +67,17 @@ def topology_devices(name: str) -> tuple[list, chips_lib.Chip | None]:
     raise TopologyError(
         f"--topology={name} compiles with the TPU compiler, which comes with "
         "libtpu: pip install -r requirements-tpu.txt (no TPU needed)") from None
-  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")  # quiet libtpu
+  # Compile-only: no TPU is opened, so several processes (a test run, a fit
+  # table) may load libtpu at once; and libtpu need not look for workers.
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
+  os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   from jax.experimental import topologies
   try:
     desc = topologies.get_topology_desc(topology_name=name, platform="tpu")
+    if any(getattr(d, "core_on_chip", 0) for d in desc.devices):
+      # v4 describes each TensorCore; JAX runs it as one device per chip
+      desc = topologies.get_topology_desc(topology_name=name, platform="tpu",
+                                          chip_config_name="megacore")
   except Exception as e:  # libtpu's own message names the problem
     raise TopologyError(f"--topology={name}: {str(e).splitlines()[0]}") from None
   return list(desc.devices), chips_lib.for_topology(name)
@@ -90,26 +97,27 @@ def model_flops_per_token(setup) -> tuple[float, float]:
 
 
 def zero3_payload(setup, config) -> float:
-  """Collective payload bytes per chip that ZeRO-3 needs for one step: every
-  fsdp-sharded weight gathered (in the compute dtype) for the forward pass,
-  again for the rematerialised one, and its gradient reduce-scattered; each
-  microbatch does it again."""
-  fsdp = setup.mesh.shape["fsdp"] * setup.mesh.shape["data"]
-  if fsdp == 1:
-    return 0.0
+  """Collective payload bytes per chip the layout needs for one step, at
+  least: a weight sharded over `fsdp` (ZeRO-3) is gathered in the compute
+  dtype for the forward pass, again for the rematerialised one, and its
+  gradient reduce-scattered, once per microbatch; where `data` replicates
+  it, its gradient (shard) is all-reduced once per step. The embedding table
+  is looked up by rows (an all-to-all of activations), not gathered."""
   itemsize = jnp.dtype(setup.model_cfg.compute_dtype).itemsize
-  gathered = 0
-  flat = jax.tree_util.tree_flatten_with_path(setup.abstract.params)[0]
-  for path, leaf in flat:
-    keys = [getattr(p, "key", "") for p in path]
-    if keys[0] == "embed" and not setup.model_cfg.tie_embeddings:
-      continue  # looked up by rows (all-to-all of activations), not gathered
-    if "fsdp" in str(leaf.sharding.spec) or "data" in str(leaf.sharding.spec):
-      tensor = math.prod(leaf.sharding.mesh.shape[a] for a in _axes(leaf)
-                         if a == "tensor")
-      gathered += math.prod(leaf.shape) // tensor
   passes = 3 if setup.model_cfg.remat == "full" else 2
-  return float(gathered * itemsize * passes * config.train.microbatches)
+  data = setup.mesh.shape["data"]
+  total = 0.0
+  for path, leaf in jax.tree_util.tree_flatten_with_path(setup.abstract.params)[0]:
+    if getattr(path[0], "key", "") == "embed" and not setup.model_cfg.tie_embeddings:
+      continue
+    axes = _axes(leaf)
+    local = math.prod(leaf.shape) / math.prod(setup.mesh.shape[a] for a in axes)
+    fsdp = math.prod(setup.mesh.shape[a] for a in axes if a == "fsdp")
+    if fsdp > 1:
+      total += local * fsdp * itemsize * passes * config.train.microbatches
+    if data > 1:
+      total += local * itemsize
+  return total
 
 
 def _axes(leaf) -> list[str]:
@@ -223,7 +231,8 @@ def format_report(r: dict[str, Any]) -> str:
   kinds = ", ".join(f"{k} {v['count']:.0f}x {g(v['payload_bytes'])}"
                     for k, v in sorted(r["collectives"].items())) or "none"
   lines.append(f"  collectives per chip: {kinds}; payload "
-               f"{g(r['collective_payload'])} vs ZeRO-3 {g(r['zero3_payload'])}")
+               f"{g(r['collective_payload'])}, needed (ZeRO-3 / data parallel) "
+               f"{g(r['zero3_payload'])}")
   if r["unknown_trip_counts"]:
     lines.append(f"  warning: loops counted once (no trip count): "
                  f"{r['unknown_trip_counts']}")

@@ -72,3 +72,30 @@ def test_paper_400m_compiled_for_a_v5p_cube():
       assert dims[0] != config.model.num_layers, c.shape  # one layer at a time
       assert seq not in dims, c.shape           # no activation all-reduce
   assert r["estimate"]["mfu"] > 0.3
+
+
+def test_readme_fit_table_is_the_commands_output():
+  """README's fit table = docs/fit_table.md = the table fit_table writes from
+  its cached per-cell reports (no number typed by hand)."""
+  import json
+  import os
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  md = open(os.path.join(root, "docs", "fit_table.md")).read()
+  readme = open(os.path.join(root, "README.md")).read()
+  section = readme.split(fit_table.BEGIN)[1].split(fit_table.END)[0]
+  assert section.strip() == md.strip()
+  cells = [tuple(c.strip() for c in line.split("|")[1:3])
+           for line in md.splitlines()[2:]]
+  results = {}
+  for size, topology in cells:
+    path = os.path.join(root, "docs", "fit_table",
+                        f"{size}_{topology.replace(':', '_')}.json")
+    results[(size, topology)] = json.load(open(path))
+  assert fit_table.table(results) == md
+  for r in results.values():  # the acceptance of the pod-scale issue
+    assert r["fits"] and 0.8 < r["program_flops"] / r["needed_flops"] < 1.2
+    assert r["collective_payload"] <= 1.5 * r["zero3_payload"]
+  seven = results[("7b", "v5p:4x4x4")]
+  assert seven["microbatches"] == 1 and seven["total_gib"] <= 24
+  assert seven["estimate"]["mfu"] >= 0.45
+  assert results[("7b", "v5e:16x16")]["total_gib"] <= 8

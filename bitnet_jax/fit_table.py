@@ -1,0 +1,131 @@
+"""`python -m bitnet_jax.fit_table`: which paper config fits which TPU slice.
+
+For each paper config (configs/bitnet_v2_{400m,1p3b,3b,7b}.py, the paper's
+512 x 2048 batch) and each slice, compiles the real train step for the slice
+(libtpu, no TPU needed; see dry_run.py) with 1, 2, 4, ... microbatches until
+it fits the chip's HBM, and records the per-chip memory, the microbatches
+needed and the roofline MFU estimate. Each result is cached as JSON in
+--cache_dir, so an interrupted run resumes; the table is written to --out
+and, with --readme, copied between the README's fit-table markers.
+
+  python -m bitnet_jax.fit_table --topologies=v5p:4x4x4,v5e:16x16 \
+      --out=docs/fit_table.md --readme=README.md
+"""
+from __future__ import annotations
+
+import json
+import os
+import sys
+
+from absl import app, flags
+
+FLAGS = flags.FLAGS
+flags.DEFINE_list("configs", ["400m", "1p3b", "3b", "7b"], "Paper sizes.")
+flags.DEFINE_list("topologies", ["v5p:2x4x4", "v5p:4x4x4", "v5e:8x8",
+                                 "v5e:16x16"], "libtpu topologies.")
+flags.DEFINE_string("out", "docs/fit_table.md", "The markdown table.")
+flags.DEFINE_string("cache_dir", "docs/fit_table", "One JSON report per cell.")
+flags.DEFINE_string("readme", "", "Also copy the table into this README.")
+flags.DEFINE_integer("max_microbatches", 16, "Give up beyond this.")
+
+BEGIN, END = "<!-- fit-table:begin -->", "<!-- fit-table:end -->"
+
+
+def load_config(size: str):
+  import importlib.util
+  path = os.path.join(os.path.dirname(__file__), "..", "configs",
+                      f"bitnet_v2_{size}.py")
+  spec = importlib.util.spec_from_file_location(f"bitnet_v2_{size}", path)
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config()
+
+
+def fit(size: str, topology: str, max_microbatches: int) -> dict:
+  """The smallest power-of-two microbatch count that fits, with its report."""
+  from bitnet_jax import dry_run
+  devices, _ = dry_run.topology_devices(topology)
+  k, last = 1, None
+  while k <= max_microbatches:
+    config = load_config(size)
+    config.mesh.update(data=1, fsdp=-1, tensor=1)
+    config.train.microbatches = k
+    if config.data.batch_size % (len(devices) * k):
+      break
+    try:
+      r = dry_run.report(config, topology)
+    except MemoryError as e:
+      last = {"error": str(e)}
+    else:
+      if r.get("fits"):
+        return r
+      last = r
+    k *= 2
+  return {"fits": False, "topology": topology, "last": last}
+
+
+def cell(size: str, topology: str, cache_dir: str, max_microbatches: int) -> dict:
+  path = os.path.join(cache_dir, f"{size}_{topology.replace(':', '_')}.json")
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  r = fit(size, topology, max_microbatches)
+  os.makedirs(cache_dir, exist_ok=True)
+  with open(path + ".tmp", "w") as f:
+    json.dump(r, f, indent=2, default=float)
+  os.replace(path + ".tmp", path)
+  return r
+
+
+def table(results: dict[tuple[str, str], dict]) -> str:
+  rows = ["| config | slice | chips | microbatches | GiB per chip (HBM) | "
+          "FLOPs: program / model+remat | collectives / ZeRO-3 | "
+          "est. step (s) | est. tokens/s/chip | est. MFU |",
+          "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+  for (size, topology), r in results.items():
+    if not r.get("fits"):
+      rows.append(f"| {size} | {topology} | | does not fit | | | | | | |")
+      continue
+    est = r["estimate"]
+    rows.append(
+        f"| {size} | {topology} | {r['devices']} | {r['microbatches']} | "
+        f"{r['total_gib']:.1f} ({r['hbm_gib']:.0f}) | "
+        f"{r['program_flops'] / r['needed_flops']:.2f} | "
+        f"{r['collective_payload'] / r['zero3_payload']:.2f} | "
+        f"{est['step_s']:.2f} | {est['tokens_per_s_per_chip']:,.0f} | "
+        f"{100 * est['mfu']:.0f}% |")
+  return "\n".join(rows) + "\n"
+
+
+def sync_readme(readme: str, text: str) -> None:
+  with open(readme) as f:
+    content = f.read()
+  if BEGIN not in content or END not in content:
+    raise ValueError(f"{readme} has no {BEGIN} ... {END} markers")
+  head, rest = content.split(BEGIN, 1)
+  _, tail = rest.split(END, 1)
+  with open(readme, "w") as f:
+    f.write(f"{head}{BEGIN}\n{text}{END}{tail}")
+
+
+def main(argv):
+  del argv
+  results = {}
+  for size in FLAGS.configs:
+    for topology in FLAGS.topologies:
+      r = cell(size, topology, FLAGS.cache_dir, FLAGS.max_microbatches)
+      results[(size, topology)] = r
+      print(f"{size} on {topology}: " + (
+          f"{r['microbatches']} microbatch(es), {r['total_gib']:.1f} GiB, "
+          f"est. MFU {100 * r['estimate']['mfu']:.0f}%" if r.get("fits")
+          else "does not fit"), flush=True)
+  text = table(results)
+  with open(FLAGS.out, "w") as f:
+    f.write(text)
+  if FLAGS.readme:
+    sync_readme(FLAGS.readme, text)
+  sys.stdout.write(text)
+
+
+if __name__ == "__main__":
+  app.run(main)
