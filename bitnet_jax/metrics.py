@@ -38,6 +38,12 @@ class MetricWriter:
     self._jsonl.flush()
     self._tb.flush()
 
+  def mark(self, step: int, fields: Mapping) -> None:
+    """A non-scalar row in metrics.jsonl (e.g. where a resumed run starts)."""
+    if self.enabled:
+      self._jsonl.write(json.dumps({"step": int(step), **fields}) + "\n")
+      self._jsonl.flush()
+
   def histograms(self, step: int, arrays: Mapping[str, np.ndarray]) -> None:
     if self.enabled:
       for k, v in arrays.items():

@@ -28,11 +28,13 @@ from bitnet_jax import activation_stats
 from bitnet_jax import checkpoint as ckpt_lib
 from bitnet_jax import corpus as corpus_lib
 from bitnet_jax import data as data_lib
+from bitnet_jax import defaults
 from bitnet_jax import metrics as metrics_lib
 from bitnet_jax import optimizer as optimizer_lib
 from bitnet_jax import sharding
 from bitnet_jax import tokenizer as tokenizer_lib
 from bitnet_jax import train_step as step_lib
+from bitnet_jax import workdir_lock
 from bitnet_jax.model import ModelConfig, Transformer, count_params
 
 
@@ -41,7 +43,8 @@ class UserError(Exception):
 
 
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, KeyError,
-               IsADirectoryError, ckpt_lib.CheckpointError, FloatingPointError)
+               IsADirectoryError, ckpt_lib.CheckpointError, FloatingPointError,
+               workdir_lock.WorkdirBusy)
 
 
 def prepare_workdir(workdir: str) -> None:
@@ -113,10 +116,12 @@ class Setup:
 
 def build(config, devices=None) -> Setup:
   model_cfg = ModelConfig.from_config(config)
+  try:
+    defaults.validate(config)
+  except ValueError as e:
+    raise UserError(str(e)) from None
   num_steps = config.train.num_steps
-  stop = config.train.stop_step if config.train.stop_step >= 0 else num_steps
-  if not 0 < stop <= num_steps:
-    raise UserError(f"train.stop_step {stop} must be in (0, {num_steps}]")
+  stop = defaults.stop_step(config)
   mesh = sharding.make_mesh(config.mesh, devices)
   sharding.check_batch_divides(config.data.batch_size, mesh,
                                config.train.microbatches)
@@ -273,6 +278,15 @@ def train(config, workdir: str, preemption: Preemption | None = None) -> dict:
   if config.init_from:
     ckpt_lib.resolve_checkpoint(config.init_from)  # fail before compiling
   setup = build(config)
+  lock = workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0)
+  lock.acquire()  # before anything is written into the workdir
+  try:
+    return _train_locked(setup, config, workdir, preemption)
+  finally:
+    lock.release()
+
+
+def _train_locked(setup: Setup, config, workdir: str, preemption) -> dict:
   if config.init_from and not ckpt_lib.has_checkpoint(workdir):
     # before the tokenizer (or anything else) is taken from that run
     ckpt_lib.check_init_from(config.init_from, setup.abstract)
@@ -288,6 +302,8 @@ def train(config, workdir: str, preemption: Preemption | None = None) -> dict:
   try:
     with setup.context():
       state, start, origin = initial_state(setup, config, ckpt, data_iter)
+      if origin != "initialised":  # later rows of metrics.jsonl restart here
+        writer.mark(start, {"resumed_from": start, "origin": origin})
       loop = Loop(setup, config, ckpt, writer, data_iter, evals, preemption,
                   tokens_per_step)
       summary = loop.run(state, start)

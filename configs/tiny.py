@@ -15,5 +15,5 @@ from bitnet_jax import defaults
 
 def get_config():
   config = defaults.tiny_config(act_bits=8)
-  config.train.stop_step = defaults.a4_start_step(config.train.num_steps)
+  config.train.stop_fraction = 1.0 - defaults.PAPER_A4_FRACTION  # the a4 switch
   return config

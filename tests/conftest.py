@@ -63,7 +63,8 @@ SMALL = {  # a few-second model on the tests' own text
     "data.batch_size": 8, "data.source": "text", "data.tokenizer_train_docs": 300,
     "data.eval_fraction": 0.1, "data.shuffle_rows": 64, "opt.warmup_steps": 5,
     "opt.lr": 3e-3, "opt.lr_stage2": 2e-3, "train.num_steps": 30,
-    "train.stop_step": -1, "train.log_every": 1, "train.ckpt_every": 10,
+    "train.stop_step": -1, "train.stop_fraction": 1.0, "train.log_every": 1,
+    "train.ckpt_every": 10,
     "train.eval_batches": 2,
 }
 

@@ -49,7 +49,7 @@ def test_a4_configs_continue_their_a8_parent():
     assert a8.quant.act_bits == 8 and a4.quant.act_bits == 4
     assert a4.train.require_init_from
     # The a8 run stops where the paper's last 5% of tokens begins.
-    assert a8.train.stop_step == round(0.95 * a8.train.num_steps)
+    assert defaults.stop_step(a8) == round(0.95 * a8.train.num_steps)
     assert a8.model == a4.model and a8.opt == a4.opt
 
 
@@ -62,3 +62,29 @@ def test_paper_table9_values():
     assert (c.opt.weight_decay, c.opt.weight_decay_stage2) == (0.1, 0.0)
     assert (c.opt.warmup_steps, c.opt.b1, c.opt.b2) == (375, 0.9, 0.95)
     assert c.model.seq_len == 2048 and c.data.batch_size * 2048 == 1 << 20
+
+
+def test_the_a8_stop_follows_num_steps():
+  """Overriding train.num_steps alone (as the README suggests) moves the a8
+  stop with it: configs/tiny.py stops at 95% of whatever the schedule is."""
+  tiny = load(os.path.join(ROOT, "configs", "tiny.py")).get_config()
+  assert defaults.stop_step(tiny) == 570
+  tiny.train.num_steps = 200
+  assert defaults.stop_step(tiny) == 190
+  defaults.validate(tiny)
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("opt.lr", -1.0, "opt.lr must be > 0"),
+    ("opt.b2", 1.0, "opt.b2 must be in"),
+    ("train.microbatches", 0, "train.microbatches must be >= 1"),
+    ("train.stop_step", 700, "train.stop_step 700 must be in"),
+    ("quant.a4_start_step", 600, "quant.a4_start_step 600 is not inside the run"),
+    ("data.eval_fraction", 1.0, "data.eval_fraction must be in"),
+])
+def test_validation_names_the_field(field, value, message):
+  c = load(os.path.join(ROOT, "configs", "tiny.py")).get_config()
+  group, name = field.split(".")
+  c[group][name] = value
+  with pytest.raises(ValueError, match=message):
+    defaults.validate(c)

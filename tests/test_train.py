@@ -69,6 +69,13 @@ def test_sigkill_resume_reproduces_the_uninterrupted_run(tmp_path, corpus_file):
                            cwd=ROOT, check=True, capture_output=True, text=True,
                            timeout=600)
   assert "resumed step" in resumed.stderr
+  # the killed trainer's lease was stale (its pid is gone): taken over
+  assert "taking over the stale lease" in resumed.stderr
+  marks = [json.loads(l) for l in open(cut / "metrics.jsonl")
+           if "resumed_from" in l]
+  assert [(m["step"], m["resumed_from"], m["origin"]) for m in marks] == [
+      (marks[0]["resumed_from"], marks[0]["resumed_from"], "resumed")]
+  assert marks[0]["resumed_from"] >= 10
   a, b = losses(full), losses(cut)
   assert sorted(b) == list(range(1, 31))
   for step in range(11, 31):
