@@ -222,7 +222,7 @@ def resolve_checkpoint(path: str) -> tuple[epath.Path, int]:
   """(checkpoints directory, step) for a workdir, checkpoints dir or step dir."""
   p = epath.Path(path)
   if not p.exists():
-    raise FileNotFoundError(f"init_from: {path} does not exist")
+    raise FileNotFoundError(f"{path} does not exist")
   if (p / "state").exists() and re.fullmatch(r"\d+", p.name):
     return p.parent, int(p.name)
   for candidate in (p / CHECKPOINT_DIR, p):
@@ -231,8 +231,8 @@ def resolve_checkpoint(path: str) -> tuple[epath.Path, int]:
                if re.fullmatch(r"\d+", c.name) and (c / "state").exists()]
       if steps:
         return candidate, max(steps)
-  raise FileNotFoundError(f"init_from: no checkpoint found in {path} (expected "
-                          f"a workdir with {CHECKPOINT_DIR}/<step>/state)")
+  raise FileNotFoundError(f"no checkpoint found in {path} (expected a run "
+                          f"directory with {CHECKPOINT_DIR}/<step>/state)")
 
 
 def check_init_from(path: str, abstract_state) -> None:

@@ -51,8 +51,9 @@ def define_flags() -> None:
   flags.DEFINE_integer("step", -1, "Checkpoint step (-1: latest).")
   flags.DEFINE_enum("source", "heldout", ["heldout", "text", "jsonl", "tfds"],
                     "Perplexity corpus: the run's own data config, or another.")
-  flags.DEFINE_string("split", "eval", "heldout/text/jsonl: eval or train; "
-                      "tfds: the split name.")
+  flags.DEFINE_string("split", "", "text/jsonl: all (default: the whole "
+                      "files), eval or train (the run's hash split); heldout: "
+                      "eval (default) or train; tfds: the split name.")
   flags.DEFINE_string("paths", "", "text/jsonl files or globs.")
   flags.DEFINE_string("text_field", "text", "jsonl/tfds text field.")
   flags.DEFINE_enum("doc_split", "blank_line", ["blank_line", "file"], "text docs.")
@@ -108,7 +109,7 @@ def main(argv):
       print(f"step {pre.step}: nll {result['nll']:.4f}, perplexity "
             f"{result['ppl']:.3f} over {result['tokens']:,} tokens of "
             f"{result['documents']} documents ({desc})")
-      name = f"ppl_{FLAGS.source}_{FLAGS.split}"
+      name = f"ppl_{FLAGS.source}_{desc.rsplit('split ', 1)[-1]}"
   except (ValueError, FileNotFoundError, KeyError, CheckpointError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)

@@ -102,15 +102,20 @@ def corpus_documents(pre, flags_) -> tuple[list[str], str]:
     data.update(paths=flags_.paths, text_field=flags_.text_field,
                 doc_split=flags_.doc_split, tfds_name=flags_.tfds_name,
                 tfds_data_dir=flags_.tfds_data_dir, max_docs=0)
+  # Default split: a file given by path means the whole file; the run's own
+  # data means its held-out documents; TFDS its eval split.
+  which = flags_.split or ("all" if flags_.source in ("text", "jsonl")
+                           else "eval")
   if data.source == "tfds":
-    if flags_.split not in ("eval", "train"):
-      data.tfds_eval_split = flags_.split
+    if which not in ("eval", "train"):
+      data.tfds_eval_split = which
     split = corpus.load_corpus(data)
-    docs = split.train if flags_.split == "train" else split.eval
+    docs = split.train if which == "train" else split.eval
   else:
     split = corpus.load_corpus(data)
-    docs = {"eval": split.eval, "train": split.train}.get(flags_.split)
+    docs = {"eval": split.eval, "train": split.train,
+            "all": list(split.train) + list(split.eval)}.get(which)
     if docs is None:
-      raise ValueError(f"--split must be eval or train for {data.source}")
+      raise ValueError(f"--split must be all, eval or train for {data.source}")
   docs = list(docs[:flags_.max_docs] if flags_.max_docs else docs)
-  return docs, f"{split.description}, split {flags_.split}"
+  return docs, f"{split.description}, split {which}"

@@ -276,7 +276,10 @@ def train(config, workdir: str, preemption: Preemption | None = None) -> dict:
   preemption = preemption or Preemption(install=False)
   prepare_workdir(workdir)
   if config.init_from:
-    ckpt_lib.resolve_checkpoint(config.init_from)  # fail before compiling
+    try:  # fail before compiling
+      ckpt_lib.resolve_checkpoint(config.init_from)
+    except FileNotFoundError as e:
+      raise UserError(f"init_from: {e}") from None
   setup = build(config)
   lock = workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0)
   lock.acquire()  # before anything is written into the workdir

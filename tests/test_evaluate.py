@@ -94,3 +94,22 @@ def test_bad_runs_are_clear_errors(trained_run, tmp_path):
     pretrained.load(str(wrong))
   with pytest.raises(ValueError, match="cannot override"):
     pretrained.load(trained_run).with_model(d_model=64)
+
+
+def test_a_file_given_by_path_is_scored_whole(trained_run, corpus_file):
+  """--source=text --paths=FILE scores every document of the file (a user
+  passing a test file means all of it); the run's own data defaults to its
+  held-out split; --split=eval/train still pick the hash split."""
+  import types
+  pre = pretrained.load(trained_run)
+  flags_ = types.SimpleNamespace(source="text", split="", paths=corpus_file,
+                                 text_field="text", doc_split="blank_line",
+                                 tfds_name="", tfds_data_dir="", max_docs=0)
+  docs, desc = perplexity.corpus_documents(pre, flags_)
+  assert len(docs) == 400 and desc.endswith("split all")  # conftest: 400 docs
+  flags_.split = "eval"
+  held, _ = perplexity.corpus_documents(pre, flags_)
+  assert 0 < len(held) < 100
+  flags_.source, flags_.split = "heldout", ""
+  own, desc = perplexity.corpus_documents(pre, flags_)
+  assert len(own) == len(held) and desc.endswith("split eval")
