@@ -19,6 +19,8 @@ import sys
 
 from absl import app, flags
 
+from bitnet_jax import readme_sync
+
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["400m", "1p3b", "3b", "7b"], "Paper sizes.")
 flags.DEFINE_list("topologies", ["v5p:2x4x4", "v5p:4x4x4", "v5e:8x8",
@@ -97,17 +99,6 @@ def table(results: dict[tuple[str, str], dict]) -> str:
   return "\n".join(rows) + "\n"
 
 
-def sync_readme(readme: str, text: str) -> None:
-  with open(readme) as f:
-    content = f.read()
-  if BEGIN not in content or END not in content:
-    raise ValueError(f"{readme} has no {BEGIN} ... {END} markers")
-  head, rest = content.split(BEGIN, 1)
-  _, tail = rest.split(END, 1)
-  with open(readme, "w") as f:
-    f.write(f"{head}{BEGIN}\n{text}{END}{tail}")
-
-
 def main(argv):
   del argv
   results = {}
@@ -123,7 +114,7 @@ def main(argv):
   with open(FLAGS.out, "w") as f:
     f.write(text)
   if FLAGS.readme:
-    sync_readme(FLAGS.readme, text)
+    readme_sync.replace_section(FLAGS.readme, BEGIN, END, text)
   sys.stdout.write(text)
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import os
 
+from bitnet_jax import readme_sync
 from bitnet_jax.experiments import study
 
 TABLE1 = (("fp", "LLaMA (fp)", "16 / 16"),
@@ -220,11 +221,4 @@ def sync_readme(report_path: str, readme_path: str) -> None:
     if title == "Figures":
       continue
     keep.append(f"#### {title}\n{body.rstrip()}\n")
-  with open(readme_path) as f:
-    readme = f.read()
-  if BEGIN not in readme or END not in readme:
-    raise ValueError(f"{readme_path} has no {BEGIN} ... {END} section")
-  head, rest = readme.split(BEGIN, 1)
-  _, tail = rest.split(END, 1)
-  with open(readme_path, "w") as f:
-    f.write(head + BEGIN + "\n" + "\n".join(keep) + END + tail)
+  readme_sync.replace_section(readme_path, BEGIN, END, "\n".join(keep))
