@@ -103,11 +103,18 @@ def load(workdir: str, *, step: int | None = None,
   model_cfg = model_cfg.replace(act_bits=trained_bits(config, step))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   item = {"params": abstract}
-  restored = ocp.PyTreeCheckpointer().restore(
-      directory / str(step) / "state", args=ocp.args.PyTreeRestore(
-          item=item, partial_restore=True,
-          restore_args=jax.tree.map(
-              lambda _: ocp.ArrayRestoreArgs(sharding=device), item)))
+  try:
+    restored = ocp.PyTreeCheckpointer().restore(
+        directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+            item=item, partial_restore=True,
+            restore_args=jax.tree.map(
+                lambda _: ocp.ArrayRestoreArgs(sharding=device), item)))
+  except Exception as e:  # TensorStore's messages run to dozens of lines
+    detail = (str(e).strip().splitlines() or [repr(e)])[0][:200]
+    raise ckpt_lib.CheckpointError(
+        f"{directory / str(step) / 'state'}: the saved parameters cannot be "
+        f"read ({type(e).__name__}: {detail}); the step may be truncated: "
+        "pass --step=<an earlier step>") from None
   tok_path = config.data.tokenizer or os.path.join(workdir,
                                                    tokenizer_lib.CACHE_NAME)
   tokenizer = tokenizer_lib.Tokenizer.load(tok_path)

@@ -113,3 +113,16 @@ def test_a_file_given_by_path_is_scored_whole(trained_run, corpus_file):
   flags_.source, flags_.split = "heldout", ""
   own, desc = perplexity.corpus_documents(pre, flags_)
   assert len(own) == len(held) and desc.endswith("split eval")
+
+
+def test_a_truncated_checkpoint_is_one_line_naming_it(trained_run, tmp_path):
+  from bitnet_jax.checkpoint import CheckpointError
+  from test_checkpoint import damage
+  run = tmp_path / "run"
+  shutil.copytree(trained_run, run)
+  step = pretrained.load(str(run)).step
+  damage(str(run / "checkpoints" / str(step)))
+  with pytest.raises(CheckpointError) as err:
+    pretrained.load(str(run))
+  message = str(err.value)
+  assert f"checkpoints/{step}/state" in message and "\n" not in message
