@@ -22,7 +22,6 @@ devices, or for a TPU slice that libtpu describes (`v5p:4x4x4`, `v5e:16x16`,
 """
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
 import os
@@ -34,7 +33,6 @@ import jax.numpy as jnp
 
 from bitnet_jax import chips as chips_lib
 from bitnet_jax import hlo_stats
-from bitnet_jax import sharding
 from bitnet_jax.model import count_params
 
 GIB = 1024.0 ** 3

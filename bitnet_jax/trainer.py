@@ -167,9 +167,7 @@ def dry_run(config, topology: str = "", json_path: str = "") -> dict:
   from bitnet_jax import dry_run as dry_run_lib
   try:
     report = dry_run_lib.report(config, topology)
-  except dry_run_lib.TopologyError as e:
-    raise UserError(str(e)) from None
-  except MemoryError as e:
+  except (dry_run_lib.TopologyError, MemoryError) as e:
     raise UserError(str(e)) from None
   print(dry_run_lib.format_report(report))
   if json_path:
