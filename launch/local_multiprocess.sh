@@ -20,7 +20,7 @@ port=${PORT:-$((20000 + RANDOM % 20000))}
 python=${PYTHON:-python3}
 pids=()
 for ((i = 0; i < n; i++)); do
-  JAX_PLATFORMS=cpu XLA_FLAGS="--xla_force_host_platform_device_count=${per}" \
+  JAX_PLATFORMS=cpu XLA_FLAGS="${XLA_FLAGS:-} --xla_force_host_platform_device_count=${per}" \
     "$python" -m bitnet_jax.train --distributed=on \
     --coordinator_address="localhost:${port}" --num_processes="$n" \
     --process_id="$i" "$@" 2>&1 | sed -u "s/^/[p${i}] /" &

@@ -1,10 +1,60 @@
 """Test setup: 8 host CPU devices, set before jax is imported anywhere."""
 import os
+import shutil
+import tempfile
+
+# Tests compile with LLVM at -O0: the HLO (sharding, fusion, buffers, what the
+# compiled-program tests read) is the same, XLA:CPU compiles the tiny test
+# programs ~2.5x faster, and they run a little slower, which they can afford.
+# Subprocesses get the same flag (without the device count) via
+# subprocess_env(); benchmarks are never timed under it (bitnet_jax.bench is).
+TEST_XLA_FLAGS = "--xla_backend_optimization_level=0"
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One persistent compilation cache per test run, shared by the xdist workers
+# and the CLIs the tests start (they inherit the variable): the same small
+# program compiled by several tests and their subprocesses compiles once. It
+# starts empty on every run and the process that made it removes it at the
+# end; a cached executable is keyed on the whole HLO, flags and versions, so
+# it can never stand in for a different program. A JAX_COMPILATION_CACHE_DIR
+# set by the user is used as it is and kept.
+_MADE_CACHE = "JAX_COMPILATION_CACHE_DIR" not in os.environ
+if _MADE_CACHE:
+  os.environ["JAX_COMPILATION_CACHE_DIR"] = os.path.join(
+      tempfile.gettempdir(), f"bitnet_jax_test_xla_{os.getpid()}")
+  os.environ["JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS"] = "0.5"
 
 os.environ["JAX_PLATFORMS"] = "cpu"
-_flag = "--xla_force_host_platform_device_count=8"
-if _flag not in os.environ.get("XLA_FLAGS", ""):
-  os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+for _flag in ("--xla_force_host_platform_device_count=8", TEST_XLA_FLAGS):
+  if _flag not in os.environ.get("XLA_FLAGS", ""):
+    os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " " + _flag).strip()
+
+
+def pytest_sessionfinish(session):
+  if _MADE_CACHE:  # the xdist controller (or a run without workers)
+    shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)
+
+
+# The longest tests (a few minutes each on 2 cores), started first.
+LONGEST = ("test_quick_study_end_to_end_and_resume",
+           "test_paper_400m_compiled_for_a_v5p_cube")
+
+
+def pytest_collection_modifyitems(items):
+  """Longest first, then the other slow tests, then the rest: with two xdist
+  workers stealing work (pytest.ini: --dist worksteal) the suite then ends
+  near half its total time instead of waiting on a long test started last."""
+  def rank(item):
+    if item.name in LONGEST:
+      return LONGEST.index(item.name)
+    return len(LONGEST) + (item.get_closest_marker("slow") is None)
+  items.sort(key=rank)
+
+
+def subprocess_env(**extra):
+  """Environment of a CLI run by a test: one CPU device, the test compile flags."""
+  return dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu",
+              XLA_FLAGS=TEST_XLA_FLAGS, **extra)
 
 import jax  # noqa: E402  (must come after the environment is set)
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import small_run_config
+from conftest import small_run_config, subprocess_env
 from bitnet_jax import activation_stats, analyze, hadamard
 from bitnet_jax.model import ModelConfig, Transformer
 
@@ -110,7 +110,7 @@ def test_cli_compares_two_runs(trained_run, b158_run, tmp_path):
       [sys.executable, "-m", "bitnet_jax.analyze",
        f"--workdir={b158_run},{trained_run}", f"--out={out}", "--num_seqs=4"],
       cwd=ROOT, capture_output=True, text=True, timeout=300,
-      env=dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=""))
+      env=subprocess_env())
   assert proc.returncode == 0, proc.stderr[-2000:]
   summary = json.loads((out / "summary.json").read_text())
   runs = summary["runs"]
@@ -134,7 +134,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
       [sys.executable, "-m", "bitnet_jax.analyze", f"--workdir={tmp_path}",
        f"--out={tmp_path / 'out'}"],
       cwd=ROOT, capture_output=True, text=True, timeout=120,
-      env=dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=""))
+      env=subprocess_env())
   assert proc.returncode == 1 and "no config.json" in proc.stderr
   with pytest.raises(ValueError, match="fewer than one sequence"):
     analyze.text_batch(type("P", (), {

@@ -9,6 +9,7 @@ import jax
 import numpy as np
 import pytest
 
+from conftest import subprocess_env
 from bitnet_jax import perplexity, pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -70,7 +71,7 @@ def test_cli_writes_json(trained_run, tmp_path):
                   f"--workdir={trained_run}", f"--out={out}", "--stride=16",
                   "--kv_bits=4", "--q_bits=4"],
                  check=True, cwd=ROOT, capture_output=True, timeout=300,
-                 env=dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=""))
+                 env=subprocess_env())
   result = json.loads(out.read_text())
   assert result["window"] == 32 and result["stride"] == 16
   assert result["model"] == {"q_bits": 4, "kv_bits": 4}

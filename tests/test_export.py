@@ -10,6 +10,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import subprocess_env
 from bitnet_jax import export, packing, pretrained
 from bitnet_jax.layers import BitLinear, QuantConfig, integer_matmul
 from bitnet_jax.model import ModelConfig, Transformer
@@ -147,7 +148,7 @@ def exported_dir(trained_run, tmp_path_factory):
   proc = subprocess.run([sys.executable, "-m", "bitnet_jax.export",
                          f"--workdir={trained_run}", f"--out={out}"],
                         cwd=ROOT, capture_output=True, text=True, timeout=300,
-                        env=dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=""))
+                        env=subprocess_env())
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "ratio 0.12" in proc.stdout
   return str(out)
@@ -209,5 +210,5 @@ def test_bad_model_directories(exported_dir, tmp_path):
   proc = subprocess.run([sys.executable, "-m", "bitnet_jax.generate",
                          f"--model={broken}", "--prompt=hi"], cwd=ROOT,
                         capture_output=True, text=True, timeout=120,
-                        env=dict(os.environ, PYTHONPATH=ROOT, XLA_FLAGS=""))
+                        env=subprocess_env())
   assert proc.returncode == 1 and "truncated or corrupt" in proc.stderr

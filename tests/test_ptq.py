@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from conftest import subprocess_env
 from bitnet_jax import ptq, rotated_linear
 from bitnet_jax.layers import QuantConfig
 from bitnet_jax.model import ModelConfig, Transformer
@@ -155,7 +156,7 @@ def test_quarot_cli_end_to_end(b158_run, trained_run, tmp_path):
   out = str(tmp_path / "quarot")
   cmd = [sys.executable, "-m", "bitnet_jax.ptq", "--method=quarot",
          f"--workdir={b158_run}", f"--out={out}"]
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="")
+  env = subprocess_env()
   done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
   assert done.returncode == 0, done.stderr[-2000:]
   from bitnet_jax import corpus, pretrained
