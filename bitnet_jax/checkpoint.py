@@ -27,7 +27,9 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 
-CHECKPOINT_DIR = "checkpoints"
+from bitnet_jax import rundir
+
+CHECKPOINT_DIR = rundir.CHECKPOINTS
 
 
 class CheckpointError(RuntimeError):

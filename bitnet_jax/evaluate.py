@@ -29,12 +29,13 @@ JSON (--out, default <workdir>/eval/...).
 from __future__ import annotations
 
 import json
-import os
 import sys
 
 from absl import app, flags
+from etils import epath
 from ml_collections import config_flags
 
+from bitnet_jax import rundir
 from bitnet_jax.perplexity import corpus_documents, perplexity
 
 FLAGS = flags.FLAGS
@@ -78,10 +79,10 @@ def overrides_from_flags(flags_) -> dict:
           if getattr(flags_, k)}
 
 
-def write_json(result: dict, path: str) -> None:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(result, f, indent=2, default=str)
+def write_json(result: dict, path) -> None:
+  path = epath.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  path.write_text(json.dumps(result, indent=2, default=str))
 
 
 def main(argv):
@@ -115,8 +116,8 @@ def main(argv):
     sys.exit(1)
   result.update(step=pre.step, workdir=FLAGS.workdir,
                 model=overrides_from_flags(FLAGS) or "as trained")
-  out = FLAGS.out or os.path.join(FLAGS.workdir, "eval",
-                                  f"{name}{'_' + tag if tag else ''}.json")
+  out = FLAGS.out or (rundir.RunDir(FLAGS.workdir).eval_dir /
+                      f"{name}{'_' + tag if tag else ''}.json")
   write_json(result, out)
   print(f"wrote {out}")
 

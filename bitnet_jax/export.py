@@ -29,7 +29,7 @@ import jax
 import numpy as np
 
 from bitnet_jax import packing
-from bitnet_jax import quant
+from bitnet_jax import quant, rundir
 from bitnet_jax.activation_stats import SITES
 from bitnet_jax.layers import rotate_input_axis
 from bitnet_jax.model import ModelConfig, linear_rotation, param_shapes
@@ -120,7 +120,8 @@ def export(pre, out_dir: str, weights: str = "packed",
            float_dtype: str = "bfloat16") -> dict:
   from safetensors.numpy import save_file
   exported = inference_params(pre.params, pre.model_cfg, weights, float_dtype)
-  os.makedirs(out_dir, exist_ok=True)
+  run = rundir.RunDir(out_dir)  # config.json and tokenizer.model as a run's
+  run.prepare()
   model = dataclasses.asdict(pre.model_cfg.replace(weights=weights))
   flat = flatten(exported)
   # safetensors has no bfloat16 in numpy: store its bits as uint16 and say so
@@ -131,9 +132,8 @@ def export(pre, out_dir: str, weights: str = "packed",
   save_file(stored, path, metadata={"model": json.dumps(model),
                                     "dtypes": json.dumps(dtypes),
                                     "format": "bitnet_jax/1"})
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
-    json.dump(pre.config.to_dict(), f, indent=2, default=str)
-  pre.tokenizer.save(os.path.join(out_dir, "tokenizer.model"))
+  run.write_config(pre.config)
+  pre.tokenizer.save(run.own_tokenizer)
   report = size_report(pre.params, exported)
   report.update(file_bytes=os.path.getsize(path), weights=weights,
                 float_dtype=float_dtype, step=pre.step, source=pre.workdir)

@@ -139,18 +139,19 @@ def generate_text(pre, prompts: Sequence[str], max_new_tokens: int = 64,
 def load(path: str, **overrides):
   """An exported model directory or a training run, ready for `generate`.
   overrides: shape-preserving model settings, e.g. kv_bits=4."""
-  from bitnet_jax import export, pretrained, tokenizer as tokenizer_lib
+  from bitnet_jax import export, pretrained, rundir
+  from bitnet_jax import tokenizer as tokenizer_lib
   if not os.path.isdir(path):
     raise FileNotFoundError(f"{path} is not a directory")
   if not os.path.exists(os.path.join(path, export.WEIGHTS_FILE)):
     return pretrained.load(path, **overrides)
   cfg, params = export.load_weights(path)
-  tok_path = os.path.join(path, "tokenizer.model")
-  if not os.path.exists(tok_path):
-    raise FileNotFoundError(f"{path} has no tokenizer.model")
-  config = pretrained.run_config(path)
-  model = pretrained.Pretrained(config, cfg, jax.device_put(params),
-                                tokenizer_lib.Tokenizer.load(tok_path), -1, path)
+  run = rundir.RunDir(path)
+  if not run.own_tokenizer.exists():
+    raise FileNotFoundError(f"{path} has no {rundir.TOKENIZER}")
+  model = pretrained.Pretrained(run.read_config(), cfg, jax.device_put(params),
+                                tokenizer_lib.Tokenizer.load(run.own_tokenizer),
+                                -1, path)
   return model.with_model(**overrides) if overrides else model
 
 

@@ -17,6 +17,8 @@ from typing import Mapping
 
 import numpy as np
 
+from bitnet_jax import rundir
+
 
 class MetricWriter:
   def __init__(self, workdir: str, enabled: bool = True):
@@ -25,8 +27,9 @@ class MetricWriter:
     self._jsonl = None
     if enabled:
       import tensorboardX  # light, TensorFlow-free event writer
-      self._tb = tensorboardX.SummaryWriter(os.path.join(workdir, "tensorboard"))
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      run = rundir.RunDir(workdir)
+      self._tb = tensorboardX.SummaryWriter(os.fspath(run / rundir.TENSORBOARD))
+      self._jsonl = (run / rundir.METRICS).open("a")
 
   def scalars(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -180,7 +183,7 @@ def log_to_file(workdir: str) -> None:
     old = _FILE_HANDLER.pop()
     root.removeHandler(old)
     old.close()
-  handler = logging.FileHandler(os.path.join(workdir, "train.log"))
+  handler = logging.FileHandler(os.fspath(rundir.RunDir(workdir) / rundir.LOG))
   handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
   handler.addFilter(_FILTER)
   root.addHandler(handler)

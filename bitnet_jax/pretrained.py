@@ -1,7 +1,8 @@
 """A trained run, loaded for evaluation, analysis and generation.
 
-`load(workdir)` reads the run's `config.json`, its tokenizer and the params of
-its latest (or a given) checkpoint step; the optimizer state is not read. The
+`load(workdir)` is the one way to read a run (rundir.py's layout): its
+`config.json`, its tokenizer and the params of its latest (or a given)
+checkpoint step; the optimizer state is not read. The
 model runs with the activation bits that step trained with (a run that
 switched a8 -> a4 at quant.a4_start_step is a 4-bit model after it).
 Model settings that do not change parameter shapes can be overridden at load
@@ -12,8 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
-import os
 from typing import Any
 
 import jax
@@ -22,21 +21,13 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from bitnet_jax import checkpoint as ckpt_lib
+from bitnet_jax import rundir
 from bitnet_jax import tokenizer as tokenizer_lib
 from bitnet_jax.model import ModelConfig, Transformer, param_shapes
 from bitnet_jax.train_step import token_nll
 
 OVERRIDABLE = ("act_bits", "q_bits", "kv_bits", "hadamard_block_size",
                "attention_impl", "dtype")
-
-
-def run_config(workdir: str) -> ml_collections.ConfigDict:
-  path = os.path.join(workdir, "config.json")
-  if not os.path.exists(path):
-    raise FileNotFoundError(f"{workdir} has no config.json: not a bitnet_jax "
-                            "run directory (or pass its config explicitly)")
-  with open(path) as f:
-    return ml_collections.ConfigDict(json.load(f))
 
 
 @dataclasses.dataclass
@@ -88,7 +79,8 @@ def load(workdir: str, *, step: int | None = None,
          config: ml_collections.ConfigDict | None = None,
          **overrides) -> Pretrained:
   """Load a run's params (no optimizer state) and tokenizer."""
-  config = config or run_config(workdir)
+  run = rundir.RunDir(workdir)
+  config = config or run.read_config()
   model_cfg = ModelConfig.from_config(config).replace(remat="none")
   directory, latest = ckpt_lib.resolve_checkpoint(workdir)
   step = latest if step is None else step
@@ -96,28 +88,37 @@ def load(workdir: str, *, step: int | None = None,
     raise FileNotFoundError(f"{workdir}: no checkpoint at step {step} (latest "
                             f"is {latest})")
   abstract = param_shapes(model_cfg)
+  state_dir = directory / str(step) / "state"
+
+  def unreadable(e: Exception) -> ckpt_lib.CheckpointError:
+    # TensorStore's messages run to dozens of lines: its first line only
+    detail = (str(e).strip().splitlines() or [repr(e)])[0][:200]
+    return ckpt_lib.CheckpointError(
+        f"{state_dir}: the saved parameters cannot be read "
+        f"({type(e).__name__}: {detail}); the step may be truncated: "
+        "pass --step=<an earlier step>")
+
   reader = ckpt_lib.Checkpointer("", read_only=True, directory=str(directory))
-  ckpt_lib.check_param_shapes(reader.saved_params(step), abstract,
+  try:
+    saved = reader.saved_params(step)  # metadata: may hit a damaged file too
+  except Exception as e:
+    raise unreadable(e) from None
+  finally:
+    reader.close()
+  ckpt_lib.check_param_shapes(saved, abstract,
                               f"{directory / str(step)} vs its config")
-  reader.close()
   model_cfg = model_cfg.replace(act_bits=trained_bits(config, step))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   item = {"params": abstract}
   try:
     restored = ocp.PyTreeCheckpointer().restore(
-        directory / str(step) / "state", args=ocp.args.PyTreeRestore(
+        state_dir, args=ocp.args.PyTreeRestore(
             item=item, partial_restore=True,
             restore_args=jax.tree.map(
                 lambda _: ocp.ArrayRestoreArgs(sharding=device), item)))
-  except Exception as e:  # TensorStore's messages run to dozens of lines
-    detail = (str(e).strip().splitlines() or [repr(e)])[0][:200]
-    raise ckpt_lib.CheckpointError(
-        f"{directory / str(step) / 'state'}: the saved parameters cannot be "
-        f"read ({type(e).__name__}: {detail}); the step may be truncated: "
-        "pass --step=<an earlier step>") from None
-  tok_path = config.data.tokenizer or os.path.join(workdir,
-                                                   tokenizer_lib.CACHE_NAME)
-  tokenizer = tokenizer_lib.Tokenizer.load(tok_path)
+  except Exception as e:
+    raise unreadable(e) from None
+  tokenizer = tokenizer_lib.Tokenizer.load(run.tokenizer_path(config))
   pre = Pretrained(config, model_cfg, restored["params"], tokenizer, step,
                    workdir)
   return pre.with_model(**overrides) if overrides else pre

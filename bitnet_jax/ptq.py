@@ -40,7 +40,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax import rotated_linear
+from bitnet_jax import rotated_linear, rundir
 from bitnet_jax.model import ModelConfig, Transformer, param_shapes
 from bitnet_jax.train_step import token_nll
 
@@ -273,17 +273,16 @@ def write_run(pre, out: str, cfg: ModelConfig, params, info: dict) -> None:
   config.quant.ptq_fused = cfg.ptq_fused
   config.init_from = ""
   config.data.tokenizer = ""  # the copy in `out`
-  os.makedirs(out, exist_ok=True)
-  with open(os.path.join(out, "config.json"), "w") as f:
-    f.write(config.to_json_best_effort(indent=2))
-  pre.tokenizer.save(os.path.join(out, "tokenizer.model"))
+  run = rundir.RunDir(out)
+  run.prepare()
+  run.write_config(config)
+  pre.tokenizer.save(run.own_tokenizer)
   writer = ckpt_lib.Checkpointer(out, keep=1, async_save=False)
   writer.save(pre.step, {"step": jnp.asarray(pre.step, jnp.int32),
                          "params": params}, None, force=True)
   writer.wait()
   writer.close()
-  with open(os.path.join(out, "ptq.json"), "w") as f:
-    json.dump(info, f, indent=2)
+  (run / "ptq.json").write_text(json.dumps(info, indent=2))
 
 
 # ---------------------------------------------------------------------------
@@ -340,7 +339,7 @@ def main(argv):
   if os.path.abspath(f.out) == os.path.abspath(f.workdir):
     raise app.UsageError("--out must differ from --workdir")
   try:
-    if os.path.exists(os.path.join(f.out, "checkpoints")):
+    if rundir.RunDir(f.out).checkpoints.exists():
       if not f.overwrite:
         raise ValueError(f"{f.out} already holds a run; pass --overwrite to "
                          "replace it")

@@ -20,7 +20,9 @@ from typing import Callable, Iterable, Sequence
 from etils import epath
 import sentencepiece as spm
 
-CACHE_NAME = "tokenizer.model"
+from bitnet_jax import rundir
+
+CACHE_NAME = rundir.TOKENIZER  # a run's own tokenizer
 
 
 class Tokenizer:

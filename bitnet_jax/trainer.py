@@ -14,8 +14,6 @@ import contextlib
 import dataclasses
 import json
 import logging
-import os
-import shutil
 import signal
 from typing import Any
 
@@ -31,6 +29,7 @@ from bitnet_jax import data as data_lib
 from bitnet_jax import defaults
 from bitnet_jax import metrics as metrics_lib
 from bitnet_jax import optimizer as optimizer_lib
+from bitnet_jax import rundir
 from bitnet_jax import sharding
 from bitnet_jax import tokenizer as tokenizer_lib
 from bitnet_jax import train_step as step_lib
@@ -44,18 +43,7 @@ class UserError(Exception):
 
 USER_ERRORS = (UserError, ValueError, FileNotFoundError, KeyError,
                IsADirectoryError, ckpt_lib.CheckpointError, FloatingPointError,
-               workdir_lock.WorkdirBusy)
-
-
-def prepare_workdir(workdir: str) -> None:
-  try:
-    os.makedirs(workdir, exist_ok=True)
-    probe = os.path.join(workdir, f".write_probe_{os.getpid()}")
-    with open(probe, "w") as f:
-      f.write("ok")
-    os.remove(probe)
-  except OSError as e:
-    raise UserError(f"workdir {workdir} is not writable: {e.strerror}") from None
+               workdir_lock.WorkdirBusy, rundir.NotWritable)
 
 
 class Preemption:
@@ -187,13 +175,12 @@ def barrier(name: str) -> None:
 def load_tokenizer(config, workdir: str, corpus) -> tokenizer_lib.Tokenizer:
   """The configured .model; else this workdir's cached one; else (a4 runs) the
   init_from run's; else one trained on a sample of the training documents."""
-  own = os.path.join(workdir, tokenizer_lib.CACHE_NAME)
-  if not config.data.tokenizer and config.init_from and not os.path.exists(own):
+  own = rundir.RunDir(workdir).own_tokenizer
+  if not config.data.tokenizer and config.init_from and not own.exists():
     ckpt_dir, _ = ckpt_lib.resolve_checkpoint(config.init_from)
-    theirs = os.path.join(os.path.dirname(os.fspath(ckpt_dir).rstrip("/")),
-                          tokenizer_lib.CACHE_NAME)
-    if os.path.exists(theirs) and jax.process_index() == 0:
-      shutil.copy(theirs, own)
+    theirs = rundir.RunDir(ckpt_dir.parent).own_tokenizer
+    if theirs.exists() and jax.process_index() == 0:
+      theirs.copy(own)
     barrier("bitnet_jax_tokenizer_copy")
 
   def sample():
@@ -265,14 +252,13 @@ def log_start(setup: Setup, config, workdir: str, tokens_per_step: int) -> None:
                setup.stop_step)
   logging.info("config:\n%s", config)
   if jax.process_index() == 0:
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-      f.write(config.to_json_best_effort(indent=2))
+    rundir.RunDir(workdir).write_config(config)
 
 
 def train(config, workdir: str, preemption: Preemption | None = None) -> dict:
   """Train until train.stop_step (or preemption); returns a summary dict."""
   preemption = preemption or Preemption(install=False)
-  prepare_workdir(workdir)
+  rundir.RunDir(workdir).prepare()
   if config.init_from:
     try:  # fail before compiling
       ckpt_lib.resolve_checkpoint(config.init_from)
@@ -310,8 +296,7 @@ def _train_locked(setup: Setup, config, workdir: str, preemption) -> dict:
       summary = loop.run(state, start)
     summary.update(start_step=start, origin=origin)
     if jax.process_index() == 0:
-      with open(os.path.join(workdir, "summary.json"), "w") as f:
-        json.dump(summary, f, indent=2)
+      rundir.RunDir(workdir).write_summary(summary)
     return summary
   finally:
     writer.close()

@@ -17,7 +17,9 @@ import socket
 import threading
 import time
 
-LOCK_NAME = "train.lock"
+from bitnet_jax import rundir
+
+LOCK_NAME = rundir.LOCK
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
 
@@ -38,7 +40,7 @@ def _alive(pid: int) -> bool:
 
 class WorkdirLock:
   def __init__(self, workdir: str, enabled: bool = True):
-    self.path = os.path.join(workdir, LOCK_NAME)
+    self.path = os.fspath(rundir.RunDir(workdir) / rundir.LOCK)
     self.enabled = enabled
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None

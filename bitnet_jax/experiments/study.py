@@ -21,7 +21,7 @@ import time
 
 import ml_collections
 
-from bitnet_jax import defaults
+from bitnet_jax import defaults, rundir
 
 A4_FRACTION = 0.1
 
@@ -143,7 +143,7 @@ def prepare_data(path: str, out: str, s: Settings) -> dict:
       f.write("\n\n".join(part))
   t0 = time.time()
   tok = tokenizer_lib.train_tokenizer(train, s.vocab_size)
-  tok.save(os.path.join(data_dir, "tokenizer.model"))
+  tok.save(os.path.join(data_dir, rundir.TOKENIZER))
   info = {"source": os.path.abspath(path), "documents": len(docs),
           "train_documents": len(train), "valid_documents": len(valid),
           "train_tokens": sum(len(tok.encode(d)) + 2 for d in train),
@@ -172,7 +172,7 @@ def run_config(run: Run, out: str, s: Settings) -> ml_collections.ConfigDict:
                  num_layers=s.num_layers, seq_len=s.seq_len)
   c.quant.hadamard = run.hadamard
   c.data.update(source="text", paths=os.path.join(out, "data", "train.txt"),
-                tokenizer=os.path.join(out, "data", "tokenizer.model"),
+                tokenizer=os.path.join(out, "data", rundir.TOKENIZER),
                 batch_size=s.batch_size, eval_fraction=0.02)
   c.opt.update(lr=s.lr, lr_stage2=s.lr_stage2,
                warmup_steps=min(s.warmup_steps, s.steps // 2))
@@ -180,19 +180,16 @@ def run_config(run: Run, out: str, s: Settings) -> ml_collections.ConfigDict:
                  keep_ckpts=0, log_every=max(1, min(20, s.steps // 10)),
                  eval_batches=2, async_ckpt=False)
   if run.parent:
-    c.init_from = os.path.join(out, "runs", run.parent, "checkpoints",
+    c.init_from = os.path.join(out, "runs", run.parent, rundir.CHECKPOINTS,
                                str(s.a4_start))
     c.train.require_init_from = True
   return c
 
 
 def is_trained(workdir: str, s: Settings) -> bool:
-  path = os.path.join(workdir, "summary.json")
-  if not os.path.exists(path):
-    return False
-  with open(path) as f:
-    summary = json.load(f)
-  return summary.get("final_step") == s.steps and not summary.get("preempted")
+  summary = rundir.RunDir(workdir).read_summary()
+  return bool(summary) and summary.get("final_step") == s.steps and \
+      not summary.get("preempted")
 
 
 def train_run(run: Run, out: str, s: Settings) -> bool:
@@ -215,7 +212,7 @@ def train_seconds(workdir: str) -> float:
   and resumed run counts its sessions, not the gap between them."""
   import datetime
   total, first, last = 0.0, None, None
-  with open(os.path.join(workdir, "train.log")) as f:
+  with (rundir.RunDir(workdir) / rundir.LOG).open() as f:
     for line in f:
       m = _STAMP.match(line)
       if not m:
@@ -232,7 +229,7 @@ def train_seconds(workdir: str) -> float:
 
 def loss_curve(workdir: str) -> tuple[list[int], list[float]]:
   steps, losses = [], []
-  with open(os.path.join(workdir, "metrics.jsonl")) as f:
+  with (rundir.RunDir(workdir) / rundir.METRICS).open() as f:
     for line in f:
       record = json.loads(line)
       if "loss" in record and "step" in record:

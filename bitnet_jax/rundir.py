@@ -1,0 +1,108 @@
+"""A run directory: where each file of a run lives, and the one way to read
+and write the run-level files. Paths are `etils.epath` paths (local, or any
+file system epath reaches; orbax checkpoints already go through it).
+
+Layout of a workdir (what `train` writes; `ptq` writes the same, plus
+ptq.json; `evaluate`, `analyze`, `export`, `generate` and the study read it):
+
+  config.json          the resolved config of the run
+  tokenizer.model      its sentencepiece model (unless data.tokenizer names one)
+  checkpoints/<step>/  orbax steps: state/ (params, optimizer) and data/
+  metrics.jsonl        one JSON object per logged step (metrics.py)
+  train.log            the log of the latest session
+  tensorboard/         TensorBoard events
+  summary.json         the last session's summary (final_step, preempted, ...)
+  train.lock           the lease of the trainer running on it (workdir_lock)
+  eval/                evaluate's results, one JSON file per evaluation
+
+Loading a run's parameters at a step, with the activation bits that step
+trained with, is `pretrained.load`, built on this module.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+from etils import epath
+import ml_collections
+
+CONFIG = "config.json"
+TOKENIZER = "tokenizer.model"
+CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+LOG = "train.log"
+TENSORBOARD = "tensorboard"
+SUMMARY = "summary.json"
+LOCK = "train.lock"
+EVAL = "eval"
+
+
+class NotWritable(OSError):
+  """The workdir cannot be created or written."""
+
+
+class RunDir:
+  """The files of one run under `path`."""
+
+  def __init__(self, path: str | os.PathLike):
+    self.path = epath.Path(path)
+
+  def __repr__(self) -> str:
+    return f"RunDir({os.fspath(self.path)!r})"
+
+  def __truediv__(self, name: str) -> epath.Path:
+    return self.path / name
+
+  @property
+  def checkpoints(self) -> epath.Path:
+    return self.path / CHECKPOINTS
+
+  @property
+  def eval_dir(self) -> epath.Path:
+    return self.path / EVAL
+
+  def prepare(self) -> None:
+    """Create the directory and check that it takes a file."""
+    try:
+      self.path.mkdir(parents=True, exist_ok=True)
+      probe = self.path / f".write_probe_{os.getpid()}"
+      probe.write_text("ok")
+      probe.unlink()
+    except OSError as e:
+      raise NotWritable(f"workdir {self.path} is not writable: "
+                        f"{e.strerror or e}") from None
+
+  # config.json ------------------------------------------------------------
+
+  def has_config(self) -> bool:
+    return (self.path / CONFIG).exists()
+
+  def read_config(self) -> ml_collections.ConfigDict:
+    path = self.path / CONFIG
+    if not path.exists():
+      raise FileNotFoundError(f"{self.path} has no {CONFIG}: not a bitnet_jax "
+                              "run directory (or pass its config explicitly)")
+    return ml_collections.ConfigDict(json.loads(path.read_text()))
+
+  def write_config(self, config: ml_collections.ConfigDict) -> None:
+    (self.path / CONFIG).write_text(config.to_json_best_effort(indent=2))
+
+  # summary.json -----------------------------------------------------------
+
+  def read_summary(self) -> dict | None:
+    path = self.path / SUMMARY
+    return json.loads(path.read_text()) if path.exists() else None
+
+  def write_summary(self, summary: dict) -> None:
+    (self.path / SUMMARY).write_text(json.dumps(summary, indent=2))
+
+  # tokenizer --------------------------------------------------------------
+
+  @property
+  def own_tokenizer(self) -> epath.Path:
+    return self.path / TOKENIZER
+
+  def tokenizer_path(self, config) -> epath.Path:
+    """The tokenizer the run used: the configured file, else its own copy."""
+    return epath.Path(config.data.tokenizer) if config.data.tokenizer else \
+        self.own_tokenizer

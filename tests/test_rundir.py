@@ -1,0 +1,70 @@
+"""The run-directory contract: the layout a trained run has on disk, the
+config round trip, clear errors, and one module that names the files."""
+import ast
+import os
+
+import pytest
+
+from bitnet_jax import pretrained, rundir
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def test_a_trained_run_has_the_documented_layout(trained_run):
+  names = set(os.listdir(trained_run))
+  assert {rundir.CONFIG, rundir.TOKENIZER, rundir.CHECKPOINTS, rundir.METRICS,
+          rundir.LOG, rundir.TENSORBOARD, rundir.SUMMARY} <= names
+  assert rundir.LOCK not in names  # released when the trainer ended
+  run = rundir.RunDir(trained_run)
+  assert run.read_summary()["final_step"] == 24
+  assert sorted(p.name for p in run.checkpoints.iterdir()) == ["10", "20", "24"]
+  # what train wrote is what every reader gets back
+  pre = pretrained.load(trained_run)
+  assert pre.config.to_json() == run.read_config().to_json()
+  assert pre.step == 24 and pre.tokenizer.vocab_size == pre.config.model.vocab_size
+
+
+def test_config_round_trip_and_errors(tmp_path):
+  from bitnet_jax import defaults
+  run = rundir.RunDir(tmp_path / "new" / "run")
+  run.prepare()
+  assert not run.has_config() and run.read_summary() is None
+  with pytest.raises(FileNotFoundError, match="not a bitnet_jax run directory"):
+    run.read_config()
+  config = defaults.tiny_config()
+  run.write_config(config)
+  # JSON has no tuples: the round trip is equal as JSON
+  assert run.read_config().to_json() == config.to_json_best_effort()
+  assert run.tokenizer_path(config) == run.own_tokenizer
+  config.data.tokenizer = "/elsewhere/sp.model"
+  assert str(run.tokenizer_path(config)) == "/elsewhere/sp.model"
+  blocker = tmp_path / "file"
+  blocker.write_text("x")
+  with pytest.raises(rundir.NotWritable, match="is not writable"):
+    rundir.RunDir(blocker / "sub").prepare()
+
+
+LAYOUT = (rundir.CONFIG, rundir.TOKENIZER, rundir.CHECKPOINTS, rundir.METRICS,
+          rundir.LOG, rundir.LOCK)
+
+
+def test_only_rundir_spells_the_layout():
+  """Every other module takes the run's file names from rundir, so the layout
+  changes in one place (docstrings and config defaults may mention them)."""
+  offenders = []
+  for folder, _, files in os.walk(os.path.join(ROOT, "bitnet_jax")):
+    for name in files:
+      path = os.path.join(folder, name)
+      if not name.endswith(".py") or name == "rundir.py":
+        continue
+      tree = ast.parse(open(path).read())
+      docstrings = {id(node.body[0].value) for node in ast.walk(tree)
+                    if isinstance(node, (ast.Module, ast.FunctionDef,
+                                         ast.ClassDef)) and node.body and
+                    isinstance(node.body[0], ast.Expr)}
+      for node in ast.walk(tree):
+        if (isinstance(node, ast.Constant) and node.value in LAYOUT and
+            id(node) not in docstrings):
+          offenders.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
+  allowed = {"bitnet_jax/defaults.py"}  # a config default, not a run file
+  assert [o for o in offenders if o.split(":")[0] not in allowed] == []
