@@ -95,7 +95,6 @@ class StepTimer:
     self.stop_step = stop_step
     self._t0 = None
     self._steps = 0
-    self._avg_step_time = None
 
   def consumed(self, step: int) -> None:
     """Called when step `step`'s results arrived; the first one starts the clock."""
@@ -110,7 +109,6 @@ class StepTimer:
       return {}
     now = time.perf_counter()
     step_time = (now - self._t0) / self._steps
-    self._avg_step_time = step_time
     tps = self.tokens_per_step / step_time
     out = {"step_time": step_time, "tokens_per_sec": tps,
            "eta_sec": step_time * (self.stop_step - step - 1)}

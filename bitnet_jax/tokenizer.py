@@ -77,9 +77,6 @@ class Tokenizer:
   def encode(self, text: str) -> list[int]:
     return self.sp.encode(text)
 
-  def encode_batch(self, texts: Sequence[str]) -> list[list[int]]:
-    return self.sp.encode(list(texts))
-
   def decode(self, ids: Sequence[int]) -> str:
     return self.sp.decode([int(i) for i in ids])
 

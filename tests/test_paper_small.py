@@ -67,3 +67,15 @@ def test_quick_study_end_to_end_and_resume(corpus_file, tmp_path):
   # Other settings in the same directory are refused.
   with pytest.raises(ValueError, match="other settings"):
     paper_small.run_study(corpus_file, out, study.Settings(steps=7), "test")
+
+
+def test_readme_results_are_the_committed_report(tmp_path):
+  """README's Results section = what `paper_small --readme` copies from
+  docs/paper_small/report.md (no number typed by hand)."""
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  readme = tmp_path / "README.md"
+  original = open(os.path.join(root, "README.md")).read()
+  readme.write_text(original)
+  report.sync_readme(os.path.join(root, "docs", "paper_small", "report.md"),
+                     str(readme))
+  assert readme.read_text() == original

@@ -126,8 +126,12 @@ def main(argv) -> None:
   except (ValueError, FileNotFoundError) as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(1)
+  report_path = os.path.join(f.out, "report.md")
   print(f"trained {len(done['trained'])} runs, {len(done['evaluated'])} new "
-        f"evaluations; wrote {os.path.join(f.out, 'report.md')}")
+        f"evaluations; wrote {report_path}")
+  if f.readme:
+    report.sync_readme(report_path, f.readme)
+    print(f"copied its tables and findings into {f.readme}")
 
 
 def define_flags() -> None:
@@ -137,6 +141,8 @@ def define_flags() -> None:
   flags.DEFINE_string("out", None, "Study directory (resumable).")
   flags.DEFINE_bool("quick", False, "CI smoke test: tiny models, few steps.")
   flags.DEFINE_integer("steps", 0, "Override the schedule length (0: default).")
+  flags.DEFINE_string("readme", "", "Also copy the report's tables and findings "
+                      "into this README, between its paper_small markers.")
 
 
 if __name__ == "__main__":
