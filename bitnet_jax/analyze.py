@@ -22,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import sys
-import types
 
 from absl import app, flags
 import jax
@@ -146,10 +145,8 @@ def main(argv):
     pres = [pretrained.load(w, step=None if FLAGS.step < 0 else FLAGS.step,
                             config=FLAGS.config if i == 0 else None)
             for i, w in enumerate(FLAGS.workdir)]
-    select = types.SimpleNamespace(
-        source=FLAGS.source, split="eval", paths=FLAGS.paths,
-        text_field=FLAGS.text_field, doc_split="blank_line", tfds_name="",
-        tfds_data_dir="", max_docs=0)
+    select = perplexity.Documents(source=FLAGS.source, split="eval",
+                                  paths=FLAGS.paths, text_field=FLAGS.text_field)
     docs, desc = perplexity.corpus_documents(pres[0], select)
     result = analyze(pres, docs, FLAGS.out, FLAGS.num_seqs, FLAGS.figures, desc)
   except (ValueError, FileNotFoundError, KeyError, CheckpointError) as e:

@@ -36,7 +36,7 @@ from etils import epath
 from ml_collections import config_flags
 
 from bitnet_jax import rundir
-from bitnet_jax.perplexity import corpus_documents, perplexity
+from bitnet_jax.perplexity import Documents, corpus_documents, perplexity
 
 FLAGS = flags.FLAGS
 
@@ -104,7 +104,7 @@ def main(argv):
       print(result.pop("table"))
       name = "tasks"
     else:
-      docs, desc = corpus_documents(pre, FLAGS)
+      docs, desc = corpus_documents(pre, Documents.from_flags(FLAGS))
       result = perplexity(pre, docs, FLAGS.window, FLAGS.stride, FLAGS.batch_size)
       result["data"] = desc
       print(f"step {pre.step}: nll {result['nll']:.4f}, perplexity "

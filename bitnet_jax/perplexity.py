@@ -7,6 +7,7 @@ window holds, so every token counts exactly once.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Sequence
 
@@ -94,17 +95,38 @@ def perplexity(pre, docs: Sequence[str], window: int = 0, stride: int = 0,
           "documents": len(docs), "window": window, "stride": stride}
 
 
-def corpus_documents(pre, flags_) -> tuple[list[str], str]:
+@dataclasses.dataclass(frozen=True)
+class Documents:
+  """Which documents to score: the run's own held-out split (source
+  "heldout"), or another text / jsonl / tfds corpus and split."""
+  source: str = "heldout"
+  paths: str = ""
+  split: str = ""          # "" = all for a text/jsonl file, else eval
+  text_field: str = "text"
+  doc_split: str = "blank_line"
+  tfds_name: str = ""
+  tfds_data_dir: str = ""
+  max_docs: int = 0        # 0 = every document
+
+  @classmethod
+  def from_flags(cls, flags_) -> "Documents":
+    """From a CLI's flags of the same names (evaluate's)."""
+    return cls(**{f.name: getattr(flags_, f.name)
+                  for f in dataclasses.fields(cls)})
+
+
+def corpus_documents(pre, select: Documents) -> tuple[list[str], str]:
+  """(documents, description) of `select`, read with the run's data config."""
   from bitnet_jax import corpus
   data = pre.config.data.copy_and_resolve_references()
-  if flags_.source != "heldout":
-    data.source = flags_.source
-    data.update(paths=flags_.paths, text_field=flags_.text_field,
-                doc_split=flags_.doc_split, tfds_name=flags_.tfds_name,
-                tfds_data_dir=flags_.tfds_data_dir, max_docs=0)
+  if select.source != "heldout":
+    data.source = select.source
+    data.update(paths=select.paths, text_field=select.text_field,
+                doc_split=select.doc_split, tfds_name=select.tfds_name,
+                tfds_data_dir=select.tfds_data_dir, max_docs=0)
   # Default split: a file given by path means the whole file; the run's own
   # data means its held-out documents; TFDS its eval split.
-  which = flags_.split or ("all" if flags_.source in ("text", "jsonl")
+  which = select.split or ("all" if select.source in ("text", "jsonl")
                            else "eval")
   if data.source == "tfds":
     if which not in ("eval", "train"):
@@ -117,5 +139,5 @@ def corpus_documents(pre, flags_) -> tuple[list[str], str]:
             "all": list(split.train) + list(split.eval)}.get(which)
     if docs is None:
       raise ValueError(f"--split must be all, eval or train for {data.source}")
-  docs = list(docs[:flags_.max_docs] if flags_.max_docs else docs)
+  docs = list(docs[:select.max_docs] if select.max_docs else docs)
   return docs, f"{split.description}, split {which}"

@@ -33,7 +33,6 @@ import os
 import shutil
 import sys
 import time
-import types
 from typing import Any
 
 import jax
@@ -332,7 +331,7 @@ def main(argv):
   from absl import app, flags
   from bitnet_jax import pretrained
   from bitnet_jax.checkpoint import CheckpointError
-  from bitnet_jax.perplexity import corpus_documents
+  from bitnet_jax.perplexity import Documents, corpus_documents
   f = flags.FLAGS
   if not (f.method and f.workdir and f.out):
     raise app.UsageError("--method, --workdir and --out are required")
@@ -348,11 +347,10 @@ def main(argv):
     ptq_config(pre.model_cfg, f.method, f.fuse_rotation, f.act_bits)
     rows = None
     if f.method == "spinquant":
-      src = types.SimpleNamespace(
+      src = Documents(
           source=f.calib_source, split=f.calib_split, paths=f.calib_paths,
-          text_field=f.calib_text_field, doc_split="blank_line",
-          tfds_name=f.calib_tfds_name, tfds_data_dir=f.calib_tfds_data_dir,
-          max_docs=0)
+          text_field=f.calib_text_field, tfds_name=f.calib_tfds_name,
+          tfds_data_dir=f.calib_tfds_data_dir)
       docs, desc = corpus_documents(pre, src)
       rows = calibration_rows(pre.tokenizer, docs, f.calib_samples,
                               pre.model_cfg.max_len)

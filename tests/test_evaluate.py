@@ -1,4 +1,5 @@
 """Perplexity against a naive per-token loop; windows count each token once."""
+import dataclasses
 import json
 import os
 import shutil
@@ -101,19 +102,18 @@ def test_a_file_given_by_path_is_scored_whole(trained_run, corpus_file):
   """--source=text --paths=FILE scores every document of the file (a user
   passing a test file means all of it); the run's own data defaults to its
   held-out split; --split=eval/train still pick the hash split."""
-  import types
   pre = pretrained.load(trained_run)
-  flags_ = types.SimpleNamespace(source="text", split="", paths=corpus_file,
-                                 text_field="text", doc_split="blank_line",
-                                 tfds_name="", tfds_data_dir="", max_docs=0)
-  docs, desc = perplexity.corpus_documents(pre, flags_)
+  whole = perplexity.Documents(source="text", paths=corpus_file)
+  docs, desc = perplexity.corpus_documents(pre, whole)
   assert len(docs) == 400 and desc.endswith("split all")  # conftest: 400 docs
-  flags_.split = "eval"
-  held, _ = perplexity.corpus_documents(pre, flags_)
+  held, _ = perplexity.corpus_documents(
+      pre, dataclasses.replace(whole, split="eval"))
   assert 0 < len(held) < 100
-  flags_.source, flags_.split = "heldout", ""
-  own, desc = perplexity.corpus_documents(pre, flags_)
+  own, desc = perplexity.corpus_documents(pre, perplexity.Documents())
   assert len(own) == len(held) and desc.endswith("split eval")
+  first, _ = perplexity.corpus_documents(
+      pre, dataclasses.replace(whole, max_docs=7))
+  assert first == docs[:7]
 
 
 def test_a_truncated_checkpoint_is_one_line_naming_it(trained_run, tmp_path):
