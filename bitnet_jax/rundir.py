@@ -74,9 +74,6 @@ class RunDir:
 
   # config.json ------------------------------------------------------------
 
-  def has_config(self) -> bool:
-    return (self.path / CONFIG).exists()
-
   def read_config(self) -> ml_collections.ConfigDict:
     path = self.path / CONFIG
     if not path.exists():

@@ -22,8 +22,6 @@ import sentencepiece as spm
 
 from bitnet_jax import rundir
 
-CACHE_NAME = rundir.TOKENIZER  # a run's own tokenizer
-
 
 class Tokenizer:
   """A sentencepiece model; cheap to pickle (ships the model bytes)."""
@@ -129,7 +127,7 @@ def get_tokenizer(path: str, workdir: str | None, vocab_size: int,
   else:
     if not workdir:
       raise ValueError("no tokenizer path and no workdir to cache one in")
-    cache = epath.Path(workdir) / CACHE_NAME
+    cache = rundir.RunDir(workdir).own_tokenizer
     if is_leader and not cache.exists():
       logging.info("training a %d-piece tokenizer into %s", vocab_size, cache)
       train_tokenizer(sample_docs(), vocab_size).save(cache)

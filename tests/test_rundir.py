@@ -28,7 +28,7 @@ def test_config_round_trip_and_errors(tmp_path):
   from bitnet_jax import defaults
   run = rundir.RunDir(tmp_path / "new" / "run")
   run.prepare()
-  assert not run.has_config() and run.read_summary() is None
+  assert not (run / rundir.CONFIG).exists() and run.read_summary() is None
   with pytest.raises(FileNotFoundError, match="not a bitnet_jax run directory"):
     run.read_config()
   config = defaults.tiny_config()

@@ -5,6 +5,7 @@ import pickle
 import pytest
 import sentencepiece as spm
 
+from bitnet_jax import rundir
 from bitnet_jax import tokenizer as tk
 
 
@@ -54,7 +55,7 @@ def test_trained_tokenizer_is_cached_in_workdir(tmp_path, documents):
     return documents
 
   first = tk.get_tokenizer("", str(tmp_path), 350, sample)
-  cache = tmp_path / tk.CACHE_NAME
+  cache = tmp_path / rundir.TOKENIZER
   assert cache.exists() and len(calls) == 1
   stamp = os.stat(cache).st_mtime_ns
   second = tk.get_tokenizer("", str(tmp_path), 350, sample)
