@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+from bitnet_jax import defaults
 from bitnet_jax.model import ModelConfig, Transformer
 from bitnet_jax import train_step as step_lib
 
@@ -32,10 +33,13 @@ def path_name(path) -> str:
 @pytest.mark.parametrize("case", sorted(golden.CASES))
 def test_one_step_equals_golden(case):
   variant, bits, q_bits, kv_bits = golden.CASES[case]
-  cfg = ModelConfig(**golden.SHAPE, max_len=golden.LENGTH, variant=variant,
-                    act_bits=bits, q_bits=q_bits, kv_bits=kv_bits,
-                    topk_ratio_o=golden.TOPK_O, norm_eps=golden.NORM_EPS,
-                    scan_layers=False)
+  # Through the config groups users write (stable across refactors).
+  config = defaults.base_config()
+  config.model.update(golden.SHAPE, seq_len=golden.LENGTH, variant=variant,
+                      norm_eps=golden.NORM_EPS, scan_layers=False)
+  config.quant.update(act_bits=bits, q_bits=q_bits or 0, kv_bits=kv_bits or 0,
+                      topk_ratio_o=golden.TOPK_O)
+  cfg = ModelConfig.from_config(config)
   model = Transformer(cfg)
   batch = {"tokens": jnp.asarray(golden.make_batch())}
   shapes = nn.meta.unbox(jax.eval_shape(
