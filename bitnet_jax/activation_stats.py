@@ -27,11 +27,11 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax import quant
+from bitnet_jax import sites
 
 OUTLIER_FACTOR = 8.0
 BINS = 101
 SCALARS = ("kurtosis", "max_over_mean", "outlier_share", "int4_zero_share")
-SITES = ("qkv", "up_gate", "o", "down")   # the four projections of a block
 STAGES = ("pre_rotation", "input")        # before the Hadamard; quantizer input
 
 
@@ -67,13 +67,16 @@ def site_name(path: tuple) -> tuple[int | None, str, str] | None:
   """(layer, site, stage) of a sown intermediate, or None if not analysed."""
   keys = [getattr(p, "key", getattr(p, "idx", None)) for p in path]
   keys = [k for k in keys if isinstance(k, str)]
-  if len(keys) < 3 or keys[-2] not in SITES:
+  found = sites.locate(keys)
+  if found is None or len(found.rest) != 1:
     return None
-  stage = {"quant_input": "input", "pre_rotation": "pre_rotation"}.get(keys[-1])
+  stage = {"quant_input": "input", "pre_rotation": "pre_rotation"}.get(
+      found.rest[0])
   if stage is None:
     return None
-  layer = next((int(k[6:]) for k in keys if k.startswith("layer_")), None)
-  return layer, keys[-2], stage
+  layer = next((int(k[6:]) for k in found.prefix if k.startswith("layer_")),
+               None)
+  return layer, found.site.name, stage
 
 
 def make_summarizer(model, bos_id: int | None = None):

@@ -21,16 +21,14 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 
 from absl import app, flags
 import jax
 import jax.numpy as jnp
-from ml_collections import config_flags
 import numpy as np
 
-from bitnet_jax import activation_stats
-from bitnet_jax.activation_stats import SITES, STAGES, make_summarizer
+from bitnet_jax import activation_stats, cli, sites
+from bitnet_jax.activation_stats import STAGES, make_summarizer
 
 FLAGS = flags.FLAGS
 
@@ -38,18 +36,13 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The CLI's flags (defined only when run as a program, so that the
   library functions here can be imported next to other CLIs)."""
-  config_flags.DEFINE_config_file(
-      "config", None, "Config of the run (default: <workdir>/config.json); only "
-      "with a single --workdir.", lock_config=False)
-  flags.DEFINE_list("workdir", None, "One run, or two to compare side by side "
-                    "(e.g. b1.58,v2).")
-  flags.DEFINE_integer("step", -1, "Checkpoint step (-1: latest).")
+  cli.define_run_flags("One run, or two to compare side by side (e.g. "
+                       "b1.58,v2); --config only with a single run.",
+                       several=True)
   flags.DEFINE_string("out", None, "Output directory for summary.json and PNGs.")
   flags.DEFINE_integer("num_seqs", 8, "Sequences of the model's context to run.")
-  flags.DEFINE_enum("source", "heldout", ["heldout", "text", "jsonl"],
-                    "Text to run: the first run's held-out split, or files.")
-  flags.DEFINE_string("paths", "", "text/jsonl files or globs.")
-  flags.DEFINE_string("text_field", "text", "jsonl text field.")
+  cli.define_document_flags(sources=("heldout", "text", "jsonl"),
+                            default_split="eval", tfds=False, max_docs=False)
   flags.DEFINE_bool("figures", True, "Write PNG histograms.")
 
 
@@ -57,7 +50,7 @@ def text_batch(pre, docs: list[str], num_seqs: int) -> np.ndarray:
   """The documents as [BOS] doc [EOS] ..., cut into num_seqs rows of the
   model's context."""
   from bitnet_jax.perplexity import token_rows
-  return token_rows(pre.tokenizer, docs, num_seqs, pre.model_cfg.max_len)
+  return token_rows(pre.tokenizer, docs, num_seqs, pre.model_cfg.seq_len)
 
 
 def to_json(stats: dict) -> dict:
@@ -79,9 +72,9 @@ def write_figures(out_dir: str, runs: dict[str, dict]) -> list[str]:
   import matplotlib
   matplotlib.use("Agg")
   from matplotlib import pyplot as plt
-  titles = {"qkv": "W_qkv", "up_gate": "W_up/gate", "o": "W_o", "down": "W_down"}
+  order = [s.name for s in sites.SITES]
   keys = sorted({k.rsplit("/", 1)[0] for stats in runs.values() for k in stats},
-                key=lambda k: (int(k.split("/")[0][5:]), SITES.index(k.split("/")[1])))
+                key=lambda k: (int(k.split("/")[0][5:]), order.index(k.split("/")[1])))
   written = []
   for key in keys:
     panels = [(label, stage, stats[f"{key}/{stage}"]) for label, stats in runs.items()
@@ -97,10 +90,10 @@ def write_figures(out_dir: str, runs: dict[str, dict]) -> list[str]:
       ax.set_yscale("log")
       where = {"pre_rotation": "before Hadamard",
                "input": "after Hadamard" if label in rotated else "input"}[stage]
-      ax.set_title(f"{label}\n{titles[site]} {where}", fontsize=8)
+      ax.set_title(f"{label}\n{sites.BY_NAME[site].title} {where}", fontsize=8)
       ax.set_xlabel(f"kurtosis {float(s['kurtosis']):.1f}, "
                     f"max/mean {float(s['max_over_mean']):.1f}", fontsize=7)
-    fig.suptitle(f"{layer}: inputs of {titles[site]}", fontsize=9)
+    fig.suptitle(f"{layer}: inputs of {sites.BY_NAME[site].title}", fontsize=9)
     fig.subplots_adjust(top=0.72, bottom=0.2, wspace=0.3)
     path = os.path.join(out_dir, f"{layer}_{site}.png")
     fig.savefig(path, dpi=100)
@@ -133,25 +126,17 @@ def analyze(pres: list, docs: list[str], out_dir: str, num_seqs: int = 8,
 
 def main(argv):
   del argv
-  if not FLAGS.workdir or not FLAGS.out:
-    raise app.UsageError("--workdir and --out are required")
+  cli.require("workdir", "out")
   if len(FLAGS.workdir) > 2:
     raise app.UsageError("--workdir takes one run or two to compare")
   if FLAGS.config is not None and len(FLAGS.workdir) > 1:
     raise app.UsageError("--config applies to a single --workdir")
   from bitnet_jax import perplexity, pretrained
-  from bitnet_jax.checkpoint import CheckpointError
-  try:
-    pres = [pretrained.load(w, step=None if FLAGS.step < 0 else FLAGS.step,
-                            config=FLAGS.config if i == 0 else None)
-            for i, w in enumerate(FLAGS.workdir)]
-    select = perplexity.Documents(source=FLAGS.source, split="eval",
-                                  paths=FLAGS.paths, text_field=FLAGS.text_field)
-    docs, desc = perplexity.corpus_documents(pres[0], select)
-    result = analyze(pres, docs, FLAGS.out, FLAGS.num_seqs, FLAGS.figures, desc)
-  except (ValueError, FileNotFoundError, KeyError, CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  pres = [pretrained.load(w, step=cli.checkpoint_step(),
+                          config=FLAGS.config if i == 0 else None)
+          for i, w in enumerate(FLAGS.workdir)]
+  docs, desc = perplexity.corpus_documents(pres[0], cli.documents())
+  result = analyze(pres, docs, FLAGS.out, FLAGS.num_seqs, FLAGS.figures, desc)
   for label, stats in result["runs"].items():
     print(label)
     for key, s in stats.items():
@@ -163,4 +148,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

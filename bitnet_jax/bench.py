@@ -20,12 +20,12 @@ import statistics
 import time
 from typing import Callable
 
-from absl import app, flags
+from absl import flags
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax import hadamard, quant
+from bitnet_jax import cli, hadamard, quant
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("only", [], "Sections to run (default: all).")
@@ -150,7 +150,7 @@ def _decode_models(small: bool):
   from bitnet_jax.model import ModelConfig, Transformer
   dims = (dict(d_model=128, d_ff=384, num_heads=2, num_layers=2) if small else
           dict(d_model=1024, d_ff=3072, num_heads=8, num_layers=4))
-  base = ModelConfig(vocab_size=4096, max_len=256, dtype="bfloat16", **dims)
+  base = ModelConfig(vocab_size=4096, seq_len=256, dtype="bfloat16", **dims)
   tokens = jnp.zeros((1, 8), jnp.int32)
   latent = nn.meta.unbox(jax.jit(Transformer(base).init)(jax.random.PRNGKey(0),
                                                          tokens)["params"])
@@ -258,4 +258,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

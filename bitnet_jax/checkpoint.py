@@ -28,11 +28,12 @@ import jax
 import orbax.checkpoint as ocp
 
 from bitnet_jax import rundir
+from bitnet_jax.errors import ConfigError, MissingInput, UserError
 
 CHECKPOINT_DIR = rundir.CHECKPOINTS
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(UserError, RuntimeError):
   """A checkpoint exists but cannot be used (one clear line for the user)."""
 
 
@@ -50,13 +51,13 @@ def check_param_shapes(saved_params, target_params, source: str) -> None:
   saved, target = _param_shapes(saved_params), _param_shapes(target_params)
   for name in sorted(set(saved) | set(target)):
     if name not in saved:
-      raise ValueError(f"{source}: parameter {name} of this config is missing "
+      raise ConfigError(f"{source}: parameter {name} of this config is missing "
                        "from the checkpoint (different model variant or depth?)")
     if name not in target:
-      raise ValueError(f"{source}: checkpoint parameter {name} does not exist "
+      raise ConfigError(f"{source}: checkpoint parameter {name} does not exist "
                        "in this config (different model variant or depth?)")
     if saved[name] != target[name]:
-      raise ValueError(f"{source}: parameter {name} has shape {saved[name]} in "
+      raise ConfigError(f"{source}: parameter {name} has shape {saved[name]} in "
                        f"the checkpoint but {target[name]} in this config")
 
 
@@ -224,7 +225,7 @@ def resolve_checkpoint(path: str) -> tuple[epath.Path, int]:
   """(checkpoints directory, step) for a workdir, checkpoints dir or step dir."""
   p = epath.Path(path)
   if not p.exists():
-    raise FileNotFoundError(f"{path} does not exist")
+    raise MissingInput(f"{path} does not exist")
   if (p / "state").exists() and re.fullmatch(r"\d+", p.name):
     return p.parent, int(p.name)
   for candidate in (p / CHECKPOINT_DIR, p):
@@ -233,7 +234,7 @@ def resolve_checkpoint(path: str) -> tuple[epath.Path, int]:
                if re.fullmatch(r"\d+", c.name) and (c / "state").exists()]
       if steps:
         return candidate, max(steps)
-  raise FileNotFoundError(f"no checkpoint found in {path} (expected a run "
+  raise MissingInput(f"no checkpoint found in {path} (expected a run "
                           f"directory with {CHECKPOINT_DIR}/<step>/state)")
 
 

@@ -29,6 +29,8 @@ from typing import Sequence
 
 from etils import epath
 
+from bitnet_jax.errors import ConfigError, InputError, MissingField, MissingInput
+
 SOURCES = ("stdlib", "text", "jsonl", "tfds")
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
 
@@ -56,11 +58,11 @@ class TfdsText:
                                         data_dir=self.data_dir or None)
       except Exception as e:  # DatasetNotFoundError, split errors, bad dirs
         first = str(e).strip().splitlines()[0] if str(e).strip() else repr(e)
-        raise ValueError(
+        raise InputError(
             f"TFDS dataset {self.name!r} split {self.split!r} (data_dir="
             f"{self.data_dir or 'default'}) cannot be read: {first}") from None
       if len(self._source) and self.field not in self._source[0]:
-        raise ValueError(
+        raise InputError(
             f"TFDS dataset {self.name!r} has no field {self.field!r}; fields: "
             f"{sorted(self._source[0])}")
     return self._source
@@ -86,20 +88,20 @@ def expand_paths(spec: str) -> list[str]:
   """Comma-separated files or globs -> sorted file list; clear errors."""
   parts = [p.strip() for p in spec.split(",") if p.strip()]
   if not parts:
-    raise ValueError("data.paths is empty: give files or globs, comma-separated")
+    raise ConfigError("data.paths is empty: give files or globs, comma-separated")
   files = []
   for part in parts:
     if glob.has_magic(part):
       matched = sorted(f for f in glob.glob(part, recursive=True)
                        if os.path.isfile(f))
       if not matched:
-        raise FileNotFoundError(f"data.paths: glob {part!r} matched no files")
+        raise MissingInput(f"data.paths: glob {part!r} matched no files")
       files.extend(matched)
     elif os.path.isdir(part):
-      raise IsADirectoryError(f"data.paths: {part!r} is a directory; use a glob "
+      raise InputError(f"data.paths: {part!r} is a directory; use a glob "
                               f"such as {os.path.join(part, '*.txt')!r}")
     elif not epath.Path(part).exists():
-      raise FileNotFoundError(f"data.paths: no such file: {part!r}")
+      raise MissingInput(f"data.paths: no such file: {part!r}")
     else:
       files.append(part)
   return files
@@ -122,7 +124,7 @@ def stdlib_files() -> list[str]:
                                       recursive=True)
                  if "site-packages" not in f and "dist-packages" not in f)
   if not files:
-    raise FileNotFoundError(f"no Python standard library sources under {root}")
+    raise MissingInput(f"no Python standard library sources under {root}")
   return files
 
 
@@ -131,7 +133,7 @@ def split_documents(text: str, doc_split: str) -> list[str]:
     return [text] if text.strip() else []
   if doc_split == "blank_line":
     return [d.strip("\n") for d in _BLANK_LINES.split(text) if d.strip()]
-  raise ValueError(f"data.doc_split must be blank_line or file, got {doc_split!r}")
+  raise ConfigError(f"data.doc_split must be blank_line or file, got {doc_split!r}")
 
 
 def read_jsonl(path: str, field: str) -> list[str]:
@@ -144,12 +146,12 @@ def read_jsonl(path: str, field: str) -> list[str]:
       try:
         record = json.loads(line)
       except json.JSONDecodeError as e:
-        raise ValueError(f"{path}:{lineno}: not JSON ({e.msg})") from None
+        raise InputError(f"{path}:{lineno}: not JSON ({e.msg})") from None
       if not isinstance(record, dict) or field not in record:
-        raise KeyError(f"{path}:{lineno}: no field {field!r} (data.text_field); "
+        raise MissingField(f"{path}:{lineno}: no field {field!r} (data.text_field); "
                        f"keys: {sorted(record) if isinstance(record, dict) else type(record).__name__}")
       if not isinstance(record[field], str):
-        raise ValueError(f"{path}:{lineno}: field {field!r} is not a string")
+        raise InputError(f"{path}:{lineno}: field {field!r} is not a string")
       if record[field].strip():
         docs.append(record[field])
   return docs
@@ -163,7 +165,7 @@ def is_held_out(doc: str, fraction: float) -> bool:
 def split_train_eval(docs: list[str], fraction: float
                      ) -> tuple[list[str], list[str]]:
   if not 0.0 <= fraction < 1.0:
-    raise ValueError(f"data.eval_fraction must be in [0, 1), got {fraction}")
+    raise ConfigError(f"data.eval_fraction must be in [0, 1), got {fraction}")
   train, held = [], []
   for d in docs:
     (held if is_held_out(d, fraction) else train).append(d)
@@ -190,9 +192,9 @@ def load_local_documents(data) -> tuple[list[str], str]:
       docs.extend(read_jsonl(f, data.text_field))
     desc = f"JSON-lines ({len(files)}: {data.paths}, field {data.text_field!r})"
   else:
-    raise ValueError(f"data.source must be one of {SOURCES}, got {data.source!r}")
+    raise ConfigError(f"data.source must be one of {SOURCES}, got {data.source!r}")
   if not docs:
-    raise ValueError(f"the corpus has no documents: {desc}")
+    raise InputError(f"the corpus has no documents: {desc}")
   if data.max_docs:
     docs = docs[:data.max_docs]
   return docs, desc
@@ -202,13 +204,13 @@ def load_corpus(data) -> Corpus:
   """The train and held-out documents that config.data describes."""
   if data.source == "tfds":
     if not data.tfds_name:
-      raise ValueError("data.source is tfds but data.tfds_name is empty")
+      raise ConfigError("data.source is tfds but data.tfds_name is empty")
     train = TfdsText(data.tfds_name, data.tfds_train_split, data.tfds_data_dir,
                      data.text_field)
     held = TfdsText(data.tfds_name, data.tfds_eval_split, data.tfds_data_dir,
                     data.text_field)
     if len(train) == 0:
-      raise ValueError(f"TFDS {data.tfds_name} split {data.tfds_train_split} is empty")
+      raise InputError(f"TFDS {data.tfds_name} split {data.tfds_train_split} is empty")
     return Corpus(train, held, f"TFDS {data.tfds_name} ({len(train)} train / "
                   f"{len(held)} held-out documents)")
   docs, desc = load_local_documents(data)
@@ -221,7 +223,7 @@ def load_corpus(data) -> Corpus:
     held = [d for d in train if d == first]
     train = [d for d in train if d != first]
   if not train:
-    raise ValueError(f"no training documents left after holding out "
+    raise InputError(f"no training documents left after holding out "
                      f"{data.eval_fraction:.0%} of {desc}")
   return Corpus(train, held, f"{desc}: {len(train)} train / {len(held)} "
                 f"held-out documents")

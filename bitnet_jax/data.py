@@ -34,6 +34,7 @@ import grain
 import grain.experimental as grain_exp
 import numpy as np
 
+from bitnet_jax.errors import ConfigError, InputError
 from bitnet_jax.tokenizer import Tokenizer
 
 PACKINGS = ("concat", "first_fit")
@@ -111,7 +112,7 @@ class JsonSafeStates(grain.IterDataset):
 
 def per_process_batch(batch_size: int, process_count: int) -> int:
   if batch_size % process_count:
-    raise ValueError(f"data.batch_size {batch_size} is not divisible by the "
+    raise ConfigError(f"data.batch_size {batch_size} is not divisible by the "
                      f"{process_count} processes")
   return batch_size // process_count
 
@@ -126,7 +127,7 @@ def packed_rows(docs: Sequence[str], tokenizer: Tokenizer, *, row_len: int,
   of a finite stream or first-fit bins have) and `positions`.
   """
   if packing not in PACKINGS:
-    raise ValueError(f"data.packing must be one of {PACKINGS}, got {packing!r}")
+    raise ConfigError(f"data.packing must be one of {PACKINGS}, got {packing!r}")
   ds = grain.MapDataset.source(docs)[process_index::process_count]
   if shuffle:
     ds = ds.shuffle(seed=seed)
@@ -154,7 +155,7 @@ def check_enough_tokens(docs: Sequence[str], tokenizer: Tokenizer, need: int,
     have += len(tokenizer.encode(docs[i])) + 2
     if have >= need:
       return
-  raise ValueError(f"{what} holds {have} tokens for process {process_index}, "
+  raise InputError(f"{what} holds {have} tokens for process {process_index}, "
                    f"too few for one batch ({need} tokens = batch x "
                    f"(seq_len + 1)); use more data or a smaller batch/seq_len")
 
@@ -195,7 +196,7 @@ def eval_batches(docs: Sequence[str], tokenizer: Tokenizer, data, *,
   num_batches batches is cycled.
   """
   if len(docs) == 0:
-    raise ValueError("the held-out split is empty; raise data.eval_fraction")
+    raise InputError("the held-out split is empty; raise data.eval_fraction")
   batch = per_process_batch(data.batch_size, process_count)
   check_enough_tokens(docs, tokenizer, seq_len + 1, "the held-out split",
                       process_index, process_count)

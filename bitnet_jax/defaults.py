@@ -1,5 +1,9 @@
 """The configuration schema: every field, its default and what it means.
 
+The `model` group and `quant` group (but its training-loop key a4_start_step)
+are read as they are by `model_config.ModelConfig` (same names, defaults and
+encodings); the other groups by the training loop.
+
 Config files in configs/ call `base_config()` (or `paper_config(size)`) and
 override what differs, so each file stays short and every field is documented
 once, here. Groups: config.model, config.quant, config.opt, config.data,
@@ -9,6 +13,8 @@ and `init_from`.
 from __future__ import annotations
 
 import ml_collections
+
+from bitnet_jax.errors import ConfigError
 
 # Table 8 (shapes) and Table 9 (stage-1 -> stage-2 peak learning rates).
 PAPER_SIZES = {
@@ -59,8 +65,10 @@ def base_config() -> ml_collections.ConfigDict:
   q.topk_ratio_down = 0.0          # a4.8 at 4 bits: W_down top-K share; 0 = off
   q.q_bits = 0                     # post-RoPE query bits (Tables 2-3); 0 = off
   q.kv_bits = 0                    # post-RoPE key/value bits; 0 = off
-  q.ptq_rotation = ""              # set by `bitnet_jax.ptq`: "" | random_hadamard | learned
+  q.ptq_rotation = "none"          # set by `bitnet_jax.ptq`: none | random_hadamard | learned
   q.ptq_fused = True               # ptq: rotation fused into W_qkv, W_up,gate too
+  q.weights = "latent"             # latent (training) | int8 | packed (exported codes)
+  q.quantized = True               # False: float weights and activations (reference)
 
   o = c.opt = ml_collections.ConfigDict()
   o.lr = 1.5e-3                    # stage-1 peak learning rate (Table 9, left)
@@ -135,7 +143,7 @@ def base_config() -> ml_collections.ConfigDict:
 def paper_config(size: str, act_bits: int = 8) -> ml_collections.ConfigDict:
   """A Table 8/9 model trained on the paper's budget (100B tokens, 1M batch)."""
   if size not in PAPER_SIZES:
-    raise ValueError(f"unknown paper size {size!r}; one of {list(PAPER_SIZES)}")
+    raise ConfigError(f"unknown paper size {size!r}; one of {list(PAPER_SIZES)}")
   dims = dict(PAPER_SIZES[size])
   c = base_config()
   c.opt.lr = dims.pop("lr")
@@ -222,13 +230,13 @@ def validate(config) -> None:
   for field, ok, rule in checks:
     if not ok:
       group, name = field.split(".")
-      raise ValueError(f"{field} {rule}, got {config[group][name]}")
+      raise ConfigError(f"{field} {rule}, got {config[group][name]}")
   stop = stop_step(config)
   if not 0 < stop <= t.num_steps:
-    raise ValueError(f"train.stop_step {stop} must be in (0, train.num_steps "
+    raise ConfigError(f"train.stop_step {stop} must be in (0, train.num_steps "
                      f"{t.num_steps}]")
   if q.a4_start_step >= 0 and not q.a4_start_step < stop:
-    raise ValueError(f"quant.a4_start_step {q.a4_start_step} is not inside the "
+    raise ConfigError(f"quant.a4_start_step {q.a4_start_step} is not inside the "
                      f"run (it stops at step {stop}): it would never switch")
 
 

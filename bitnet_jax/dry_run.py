@@ -33,12 +33,13 @@ import jax.numpy as jnp
 
 from bitnet_jax import chips as chips_lib
 from bitnet_jax import hlo_stats
+from bitnet_jax.errors import ConfigError
 from bitnet_jax.model import count_params
 
 GIB = 1024.0 ** 3
 
 
-class TopologyError(ValueError):
+class TopologyError(ConfigError):
   """A --topology that cannot be had here (reported as one line)."""
 
 
@@ -88,7 +89,7 @@ def model_flops_per_token(setup) -> tuple[float, float]:
       "layers" in setup.abstract.params) else sum(
           count_params(v) for k, v in setup.abstract.params.items()
           if k.startswith("layer_"))
-  attention_fwd = 4.0 * cfg.num_layers * cfg.d_model * cfg.max_len
+  attention_fwd = 4.0 * cfg.num_layers * cfg.d_model * cfg.seq_len
   remat = 2.0 * layer_params + attention_fwd if cfg.remat == "full" else (
       attention_fwd if cfg.remat == "dots" else 0.0)
   return setup.flops_per_token, setup.flops_per_token + remat

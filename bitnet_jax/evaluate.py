@@ -29,14 +29,13 @@ JSON (--out, default <workdir>/eval/...).
 from __future__ import annotations
 
 import json
-import sys
 
-from absl import app, flags
+from absl import flags
 from etils import epath
-from ml_collections import config_flags
 
+from bitnet_jax import cli
 from bitnet_jax import rundir
-from bitnet_jax.perplexity import Documents, corpus_documents, perplexity
+from bitnet_jax.perplexity import corpus_documents, perplexity
 
 FLAGS = flags.FLAGS
 
@@ -44,23 +43,8 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The CLI's flags (defined only when run as a program, so that the
   library functions here can be imported next to other CLIs)."""
-  config_flags.DEFINE_config_file(
-      "config", None, "The run's config file (default: <workdir>/config.json, "
-      "what training resolved); a config that does not match the checkpoint's "
-      "shapes is an error.", lock_config=False)
-  flags.DEFINE_string("workdir", None, "The run to evaluate.")
-  flags.DEFINE_integer("step", -1, "Checkpoint step (-1: latest).")
-  flags.DEFINE_enum("source", "heldout", ["heldout", "text", "jsonl", "tfds"],
-                    "Perplexity corpus: the run's own data config, or another.")
-  flags.DEFINE_string("split", "", "text/jsonl: all (default: the whole "
-                      "files), eval or train (the run's hash split); heldout: "
-                      "eval (default) or train; tfds: the split name.")
-  flags.DEFINE_string("paths", "", "text/jsonl files or globs.")
-  flags.DEFINE_string("text_field", "text", "jsonl/tfds text field.")
-  flags.DEFINE_enum("doc_split", "blank_line", ["blank_line", "file"], "text docs.")
-  flags.DEFINE_string("tfds_name", "", "tfds dataset name.")
-  flags.DEFINE_string("tfds_data_dir", "", "tfds data_dir.")
-  flags.DEFINE_integer("max_docs", 0, "Score at most this many documents.")
+  cli.define_run_flags("The run to evaluate.")
+  cli.define_document_flags()
   flags.DEFINE_integer("window", 0, "Inputs per window (0: the model's context).")
   flags.DEFINE_integer("stride", 0, "Tokens between window starts (0: window).")
   flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
@@ -87,33 +71,27 @@ def write_json(result: dict, path) -> None:
 
 def main(argv):
   del argv
-  if not FLAGS.workdir:
-    raise app.UsageError("--workdir is required")
+  cli.require("workdir")
   from bitnet_jax import pretrained
-  from bitnet_jax.checkpoint import CheckpointError
-  try:
-    pre = pretrained.load(FLAGS.workdir, step=None if FLAGS.step < 0 else FLAGS.step,
-                          config=FLAGS.config, **overrides_from_flags(FLAGS))
-    tag = "_".join(f"{k}{v}" for k, v in overrides_from_flags(FLAGS).items())
-    if FLAGS.tasks:
-      from bitnet_jax import harness
-      result = harness.run_tasks(pre, FLAGS.tasks, num_fewshot=FLAGS.num_fewshot,
-                                 limit=FLAGS.limit or None,
-                                 include_path=FLAGS.include_path or None,
-                                 batch_size=FLAGS.batch_size)
-      print(result.pop("table"))
-      name = "tasks"
-    else:
-      docs, desc = corpus_documents(pre, Documents.from_flags(FLAGS))
-      result = perplexity(pre, docs, FLAGS.window, FLAGS.stride, FLAGS.batch_size)
-      result["data"] = desc
-      print(f"step {pre.step}: nll {result['nll']:.4f}, perplexity "
-            f"{result['ppl']:.3f} over {result['tokens']:,} tokens of "
-            f"{result['documents']} documents ({desc})")
-      name = f"ppl_{FLAGS.source}_{desc.rsplit('split ', 1)[-1]}"
-  except (ValueError, FileNotFoundError, KeyError, CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  pre = pretrained.load(FLAGS.workdir, step=cli.checkpoint_step(),
+                        config=FLAGS.config, **overrides_from_flags(FLAGS))
+  tag = "_".join(f"{k}{v}" for k, v in overrides_from_flags(FLAGS).items())
+  if FLAGS.tasks:
+    from bitnet_jax import harness
+    result = harness.run_tasks(pre, FLAGS.tasks, num_fewshot=FLAGS.num_fewshot,
+                               limit=FLAGS.limit or None,
+                               include_path=FLAGS.include_path or None,
+                               batch_size=FLAGS.batch_size)
+    print(result.pop("table"))
+    name = "tasks"
+  else:
+    docs, desc = corpus_documents(pre, cli.documents())
+    result = perplexity(pre, docs, FLAGS.window, FLAGS.stride, FLAGS.batch_size)
+    result["data"] = desc
+    print(f"step {pre.step}: nll {result['nll']:.4f}, perplexity "
+          f"{result['ppl']:.3f} over {result['tokens']:,} tokens of "
+          f"{result['documents']} documents ({desc})")
+    name = f"ppl_{FLAGS.source}_{desc.rsplit('split ', 1)[-1]}"
   result.update(step=pre.step, workdir=FLAGS.workdir,
                 model=overrides_from_flags(FLAGS) or "as trained")
   out = FLAGS.out or (rundir.RunDir(FLAGS.workdir).eval_dir /
@@ -124,4 +102,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

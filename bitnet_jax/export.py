@@ -22,24 +22,25 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import sys
 
-from absl import app, flags
+from absl import flags
 import jax
 import numpy as np
 
-from bitnet_jax import packing
-from bitnet_jax import quant, rundir
-from bitnet_jax.activation_stats import SITES
-from bitnet_jax.layers import rotate_input_axis
-from bitnet_jax.model import ModelConfig, linear_rotation, param_shapes
+from bitnet_jax import cli, packing, policy
+from bitnet_jax import quant, rundir, sites
+from bitnet_jax.errors import ConfigError, InputError, MissingInput
+from bitnet_jax.model import ModelConfig, param_shapes
+from bitnet_jax.rotations import rotate_input_axis
 
 WEIGHTS_FILE = "model.safetensors"
 FLOAT_DTYPES = {"bfloat16": jax.numpy.bfloat16, "float32": np.float32}
 
 
-def _is_linear(path: tuple[str, ...]) -> bool:
-  return len(path) >= 2 and path[-1] == "kernel" and path[-2] in SITES
+def _is_kernel(keys) -> bool:
+  """A quantized projection's latent kernel."""
+  found = sites.locate(keys)
+  return found is not None and found.rest == (sites.KERNEL,)
 
 
 def ternary_tensor(kernel, rotate: bool, block: int, layered: bool):
@@ -57,7 +58,7 @@ def inference_params(params, cfg: ModelConfig, weights: str = "packed",
                      float_dtype: str = "bfloat16"):
   """Latent training params -> the param tree of `cfg.replace(weights=...)`."""
   if cfg.variant == "fp":
-    raise ValueError("the fp baseline has no ternary weights to export")
+    raise ConfigError("the fp baseline has no ternary weights to export")
   dtype = FLOAT_DTYPES[float_dtype]
   out = {}
   for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
@@ -66,8 +67,9 @@ def inference_params(params, cfg: ModelConfig, weights: str = "packed",
     for k in keys[:-2]:
       target = target.setdefault(k, {})
     layered = keys[0] == "layers"
-    if _is_linear(keys):
-      rotate = linear_rotation(cfg, keys[-2]) == "weight_and_activation"
+    if _is_kernel(keys):
+      rule = policy.linear(cfg, sites.locate(keys).site.name)
+      rotate = rule.rotation == "weight_and_activation"
       codes, scale = ternary_tensor(leaf, rotate, cfg.hadamard_block_size,
                                     layered)
       layer = target.setdefault(keys[-2], {})
@@ -104,11 +106,13 @@ def unflatten(flat: dict[str, np.ndarray]):
 def size_report(latent_params, exported) -> dict:
   linear = sum(int(np.prod(l.shape)) for p, l in
                jax.tree_util.tree_flatten_with_path(latent_params)[0]
-               if _is_linear(tuple(k.key for k in p)))
+               if _is_kernel(sites.path_keys(p)))
   flat = flatten(exported)
-  packed = sum(v.nbytes for k, v in flat.items()
-               if k.endswith(("/packed", "/codes", "/scale")) and
-               k.rsplit("/", 2)[-2] in SITES)
+  packed = 0
+  for name, value in flat.items():
+    found = sites.locate(name.split("/"))
+    if found and found.rest in (("packed",), ("codes",), ("scale",)):
+      packed += value.nbytes
   other = sum(v.nbytes for v in flat.values()) - packed
   return {"linear_weights": linear, "linear_bytes": packed,
           "linear_bytes_bf16": 2 * linear,
@@ -149,16 +153,16 @@ def load_weights(model_dir: str):
   from safetensors.numpy import load_file
   path = os.path.join(model_dir, WEIGHTS_FILE)
   if not os.path.exists(path):
-    raise FileNotFoundError(f"{model_dir} has no {WEIGHTS_FILE}: not an "
+    raise MissingInput(f"{model_dir} has no {WEIGHTS_FILE}: not an "
                             "exported model (python -m bitnet_jax.export)")
   try:
     with safe_open(path, "numpy") as f:
       meta = f.metadata() or {}
     flat = load_file(path)
   except (SafetensorError, OSError, ValueError) as e:
-    raise ValueError(f"{path} is truncated or corrupt: {e}") from e
+    raise InputError(f"{path} is truncated or corrupt: {e}") from e
   if meta.get("format") != "bitnet_jax/1":
-    raise ValueError(f"{path} was not written by bitnet_jax.export")
+    raise InputError(f"{path} was not written by bitnet_jax.export")
   cfg = ModelConfig(**json.loads(meta["model"]))
   dtypes = json.loads(meta["dtypes"])
   flat = {k: (v.view(jax.numpy.bfloat16) if dtypes.get(k) == "bfloat16" else v)
@@ -168,11 +172,11 @@ def load_weights(model_dir: str):
   missing = sorted(set(expected) - set(flat))
   extra = sorted(set(flat) - set(expected))
   if missing or extra:
-    raise ValueError(f"{path} does not match its model config: missing "
+    raise InputError(f"{path} does not match its model config: missing "
                      f"{missing[:5]}, unexpected {extra[:5]}")
   for k, want in expected.items():
     if flat[k].shape != want.shape:
-      raise ValueError(f"{path}: {k} has shape {flat[k].shape}, the config "
+      raise InputError(f"{path}: {k} has shape {flat[k].shape}, the config "
                        f"needs {want.shape}")
   return cfg, params
 
@@ -183,8 +187,7 @@ FLAGS = flags.FLAGS
 def define_flags() -> None:
   """The CLI's flags (defined only when run as a program, so that the
   library functions here can be imported next to other CLIs)."""
-  flags.DEFINE_string("workdir", None, "The trained run to export.")
-  flags.DEFINE_integer("step", -1, "Checkpoint step (-1: latest).")
+  cli.define_run_flags("The trained run to export.", config=False)
   flags.DEFINE_string("out", None, "Output directory.")
   flags.DEFINE_enum("weights", "packed", ["packed", "int8"],
                     "Linear weights: 2-bit packed (4 per byte) or int8 codes.")
@@ -194,16 +197,10 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
-  if not FLAGS.workdir or not FLAGS.out:
-    raise app.UsageError("--workdir and --out are required")
+  cli.require("workdir", "out")
   from bitnet_jax import pretrained
-  from bitnet_jax.checkpoint import CheckpointError
-  try:
-    pre = pretrained.load(FLAGS.workdir, step=None if FLAGS.step < 0 else FLAGS.step)
-    report = export(pre, FLAGS.out, FLAGS.weights, FLAGS.dtype)
-  except (ValueError, FileNotFoundError, CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  pre = pretrained.load(FLAGS.workdir, step=cli.checkpoint_step())
+  report = export(pre, FLAGS.out, FLAGS.weights, FLAGS.dtype)
   mib = 1 / 2 ** 20
   print(f"exported step {report['step']} of {FLAGS.workdir} to {FLAGS.out}")
   print(f"  linear weights: {report['linear_weights']:,} -> "
@@ -216,4 +213,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -17,9 +17,9 @@ import json
 import os
 import sys
 
-from absl import app, flags
+from absl import flags
 
-from bitnet_jax import readme_sync
+from bitnet_jax import cli, readme_sync
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["400m", "1p3b", "3b", "7b"], "Paper sizes.")
@@ -119,4 +119,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  cli.run(main)

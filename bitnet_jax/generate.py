@@ -26,12 +26,14 @@ import sys
 import time
 from typing import Sequence
 
-from absl import app, flags
+from absl import flags
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bitnet_jax import cli
+from bitnet_jax.errors import ConfigError, InputError, MissingInput
 from bitnet_jax.model import ModelConfig, Transformer
 
 
@@ -90,14 +92,14 @@ def generate_tokens(pre, prompts: Sequence[Sequence[int]], max_new_tokens: int,
   """New tokens [len(prompts), max_new_tokens] for token-id prompts."""
   cfg = pre.model_cfg
   longest = max(len(p) for p in prompts)
-  if longest > cfg.max_len:
-    raise ValueError(f"a prompt has {longest} tokens; the model's context is "
-                     f"{cfg.max_len}")
+  if longest > cfg.seq_len:
+    raise InputError(f"a prompt has {longest} tokens; the model's context is "
+                     f"{cfg.seq_len}")
   if not prompts or min(len(p) for p in prompts) == 0:
-    raise ValueError("every prompt needs at least one token")
-  if longest + max_new_tokens > cfg.max_len:
+    raise InputError("every prompt needs at least one token")
+  if longest + max_new_tokens > cfg.seq_len:
     logging.warning("generating %d tokens after a %d-token prompt goes past the "
-                    "trained context (%d)", max_new_tokens, longest, cfg.max_len)
+                    "trained context (%d)", max_new_tokens, longest, cfg.seq_len)
   width = _width(longest)
   b = len(prompts)
   tokens = np.zeros((b, width), np.int32)
@@ -142,13 +144,13 @@ def load(path: str, **overrides):
   from bitnet_jax import export, pretrained, rundir
   from bitnet_jax import tokenizer as tokenizer_lib
   if not os.path.isdir(path):
-    raise FileNotFoundError(f"{path} is not a directory")
+    raise MissingInput(f"{path} is not a directory")
   if not os.path.exists(os.path.join(path, export.WEIGHTS_FILE)):
     return pretrained.load(path, **overrides)
   cfg, params = export.load_weights(path)
   run = rundir.RunDir(path)
   if not run.own_tokenizer.exists():
-    raise FileNotFoundError(f"{path} has no {rundir.TOKENIZER}")
+    raise MissingInput(f"{path} has no {rundir.TOKENIZER}")
   model = pretrained.Pretrained(run.read_config(), cfg, jax.device_put(params),
                                 tokenizer_lib.Tokenizer.load(run.own_tokenizer),
                                 -1, path)
@@ -190,30 +192,29 @@ def define_flags() -> None:
 
 def main(argv):
   del argv
-  if not FLAGS.model:
-    raise app.UsageError("--model is required")
+  cli.require("model")
   prompts = list(FLAGS.prompt)
-  try:
-    if FLAGS["batch-file"].value:
-      with open(FLAGS["batch-file"].value) as f:
+  batch_file = FLAGS["batch-file"].value
+  if batch_file:
+    try:
+      with open(batch_file) as f:
         prompts += [line.rstrip("\n") for line in f if line.strip()]
-    if not prompts:
-      raise ValueError("give --prompt or --batch-file")
-    model = load(FLAGS.model, **({"kv_bits": FLAGS.kv_bits} if FLAGS.kv_bits else {}))
-    start = time.perf_counter()
-    texts = generate(model, prompts, FLAGS.max_new_tokens, FLAGS.stop,
-                     FLAGS.temperature, FLAGS.top_p, FLAGS.seed)
-    seconds = time.perf_counter() - start
-  except (ValueError, FileNotFoundError, OSError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+    except OSError as e:
+      raise MissingInput(f"--batch-file: {e}") from None
+  if not prompts:
+    raise ConfigError("give --prompt or --batch-file")
+  model = load(FLAGS.model, **({"kv_bits": FLAGS.kv_bits} if FLAGS.kv_bits else {}))
+  start = time.perf_counter()
+  texts = generate(model, prompts, FLAGS.max_new_tokens, FLAGS.stop,
+                   FLAGS.temperature, FLAGS.top_p, FLAGS.seed)
+  seconds = time.perf_counter() - start
   for prompt, text in zip(prompts, texts):
     print(f"{prompt}{text}\n---")
   cfg = model.model_cfg
   length = _width(max(len(model.tokenizer.encode(p)) + 1 for p in prompts)) + \
       FLAGS.max_new_tokens
   kv = cache_bytes(cfg, len(prompts), length)
-  bf16 = cache_bytes(cfg.replace(kv_bits=None, dtype="bfloat16"), len(prompts), length)
+  bf16 = cache_bytes(cfg.replace(kv_bits=0, dtype="bfloat16"), len(prompts), length)
   print(f"{len(prompts)} prompts x {FLAGS.max_new_tokens} new tokens in "
         f"{seconds:.2f} s (including compilation); weights: {cfg.weights}; "
         f"KV cache ({cfg.kv_bits or 'float'} bits): {kv / 2**20:.2f} MiB "
@@ -222,4 +223,4 @@ def main(argv):
 
 if __name__ == "__main__":
   define_flags()
-  app.run(main)
+  cli.run(main)

@@ -19,6 +19,7 @@ from lm_eval.api.registry import register_model
 
 from bitnet_jax import perplexity as perplexity_lib
 from bitnet_jax import generate as generate_lib
+from bitnet_jax.errors import ConfigError
 
 
 def _bucket(n: int, cap: int) -> int:
@@ -42,7 +43,7 @@ class BitNetLM(LM):
           k: int(v) for k, v in overrides.items() if v})
     self.pre = pretrained
     self.batch_size = int(batch_size)
-    self.max_length = int(max_length or pretrained.model_cfg.max_len)
+    self.max_length = int(max_length or pretrained.model_cfg.seq_len)
     self.tok = pretrained.tokenizer
 
   # -- tokenization -------------------------------------------------------
@@ -115,7 +116,7 @@ def run_tasks(pre, tasks: list[str], num_fewshot: int = 0, limit=None,
   manager = TaskManager(include_path=include_path)
   unknown = [t for t in tasks if not manager.match_tasks([t])]
   if unknown:
-    raise ValueError(f"unknown lm-eval task(s) {unknown}; list them with "
+    raise ConfigError(f"unknown lm-eval task(s) {unknown}; list them with "
                      "`lm_eval --tasks list`")
   results = evaluator.simple_evaluate(
       model=BitNetLM(pretrained=pre, batch_size=batch_size), tasks=tasks,

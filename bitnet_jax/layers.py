@@ -1,20 +1,22 @@
-"""Linear layers: the one place where quantization enters the model.
+"""The linear layers: the one place where quantization enters the model.
 
   RMSNorm     x / rms(x) * scale (float32 arithmetic).
-  Linear      float matmul (the `fp` LLaMA baseline).
-  BitLinear   its own RMSNorm -> [top-K] -> activation quantization (8 / 4 /
-              none) -> ternary weights -> matmul (BitNet b1.58).
-  HBitLinear  RMSNorm -> fwht -> quantization -> ternary matmul (Eq. 7).
+  Linear      float matmul (the `fp` LLaMA baseline and the output head).
+  BitLinear   the one linear pipeline of every quantized projection:
+                norm -> rotation -> [top-K] -> activation quantizer ->
+                weight form -> matmul
+              each stage chosen by the layer's fields, which the quantization
+              policy (policy.py) sets per site and variant.
 
-What a layer quantizes is one small frozen `QuantConfig`. Where it rotates is
-the layer's `rotation` flag: 'none', 'activation' (H-BitLinear: Y =
-Q_w(W) Q_x(H x), the paper's choice) or 'weight_and_activation' (the Table 5
-ablation: Y = Q_w(H W) Q_x(H x), so that without quantization the rotations
-cancel and the layer computes W x).
+Stages: `rotation` (rotations.py: none, the H-BitLinear Hadamard of Eq. 7, its
+weight-and-activation ablation, or a post-training QuaRot / SpinQuant
+rotation, fused into the kernel or undone after quantization); `quant`, one
+small frozen `QuantConfig`: top-K share, activation bits and INT4 scale,
+ternary weights, and the weight form: 'latent' float32 kernels (training:
+quantized on every call, so the optimizer updates the latent value) or
+exported ternary codes ('int8', 'packed') multiplied in integers.
 
-Kernels are stored [in, *out] in float32 (the latent weights of Sec. 2.2) and
-carry logical axis names for sharding; they are quantized (and cast to the
-compute dtype) on every call, so the optimizer always updates the latent value.
+Kernels are stored [in, *out] and carry logical axis names for sharding.
 """
 from __future__ import annotations
 
@@ -26,11 +28,11 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax import hadamard
+from bitnet_jax import packing
 from bitnet_jax import quant as quantizers
-from bitnet_jax import sharding
-
-ROTATIONS = ("none", "activation", "weight_and_activation")
-WEIGHT_FORMS = ("latent", "int8", "packed")
+from bitnet_jax import rotations
+from bitnet_jax.model_config import WEIGHT_FORMS
+from bitnet_jax.rotations import ROTATIONS, contract
 
 
 @dataclasses.dataclass(frozen=True)
@@ -90,11 +92,6 @@ def _kernel(module: nn.Module, in_dim: int, features: Sequence[int],
                       (in_dim, *features), param_dtype)
 
 
-def _contract(x: jax.Array, w: jax.Array) -> jax.Array:
-  """x[..., in] . w[in, *out] -> [..., *out]."""
-  return jax.lax.dot_general(x, w, (((x.ndim - 1,), (0,)), ((), ())))
-
-
 def _as_tuple(features: int | Sequence[int]) -> tuple[int, ...]:
   return (features,) if isinstance(features, int) else tuple(features)
 
@@ -105,23 +102,6 @@ def integer_matmul(x_codes: jax.Array, w_codes: jax.Array) -> jax.Array:
   return jax.lax.dot_general(x_codes, w_codes,
                              (((x_codes.ndim - 1,), (0,)), ((), ())),
                              preferred_element_type=jnp.int32)
-
-
-def rotate_input_axis(w: jax.Array, block_size: int) -> jax.Array:
-  """Apply the orthonormal Hadamard along the input axis (axis 0) of w[in, *out]."""
-  flat = w.reshape(w.shape[0], -1)
-  return hadamard.fwht(flat.T, block_size).T.reshape(w.shape)
-
-
-def rotate(x: jax.Array, block_size: int, logical_axis: str | None) -> jax.Array:
-  """The layer-input Hadamard. When tensor parallelism splits the feature
-  axis (the W_o / W_down inputs: heads, mlp), the distributed FWHT: local
-  butterflies and one cross-shard stage instead of gathering the activation."""
-  split = sharding.feature_split(logical_axis, x.shape[0]) if x.ndim > 1 else None
-  if split and hadamard.shardable(x.shape[-1], split[1]):
-    axis, shards, batch_axes = split
-    return hadamard.fwht_sharded(x, axis, shards, block_size, batch_axes)
-  return hadamard.fwht(x, block_size)
 
 
 class RMSNorm(nn.Module):
@@ -155,82 +135,92 @@ class Linear(nn.Module):
     w = _kernel(self, x.shape[-1], _as_tuple(self.features), self.kernel_axes,
                 self.kernel_init, self.param_dtype)
     self.sow("intermediates", "quant_input", x)  # for analysis, as BitLinear's
-    return _contract(x.astype(self.dtype), w.astype(self.dtype))
+    return contract(x.astype(self.dtype), w.astype(self.dtype))
 
 
 class BitLinear(nn.Module):
-  """RMSNorm -> [Hadamard] -> [top-K] -> Q_act -> matmul with Q_w(W)."""
+  """norm -> rotation -> [top-K] -> Q_x -> matmul with Q_w(W) (see above).
+
+  rotation: one of rotations.ROTATIONS; `fused` applies to the post-training
+  kinds (False: the rotation is undone after quantizing x, Table 4).
+  """
   features: int | Sequence[int]
   kernel_axes: Sequence[str | None]
   quant: QuantConfig = QuantConfig()
   rotation: str = "none"
+  fused: bool = True
   use_norm: bool = True
   norm_eps: float = 1e-6
   dtype: Any = jnp.float32
   param_dtype: Any = jnp.float32
   kernel_init: Any = nn.initializers.normal(stddev=0.02)
 
-  def _check_rotation(self):
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    cfg = self.quant
+    self._check()
+    d_in, block = x.shape[-1], cfg.hadamard_block_size
+    weights = self._weights(d_in)
+    # norm
+    if self.use_norm:
+      x = RMSNorm(self.norm_eps, self.kernel_axes[0], name="norm")(x)
+    # rotation
+    ptq = self.rotation in rotations.PTQ_KINDS
+    if self.rotation != "none":
+      self.sow("intermediates", "pre_rotation", x)
+      if ptq:
+        rot = self._ptq_rotation(d_in)
+        x = rotations.ptq_rotate(x, self.rotation, rot, block)
+      else:
+        x = rotations.hadamard_input(x, block, self.kernel_axes[0])
+    self.sow("intermediates", "quant_input", x)
+    # sparsify
+    if cfg.topk_ratio is not None:
+      x = quantizers.sparsify_topk(x, cfg.topk_ratio)
+    # exported codes: integer matmul, scales afterwards
+    if cfg.weights != "latent":
+      w_codes, w_scale = weights
+      x_codes, x_scale = quantizers.activation_codes(x, cfg.act_bits)
+      acc = integer_matmul(x_codes, w_codes)
+      x_scale = x_scale.reshape(*x_scale.shape[:-1],
+                                *([1] * (acc.ndim - x_scale.ndim + 1)))
+      return (acc.astype(jnp.float32) * (x_scale * w_scale)).astype(self.dtype)
+    # activation quantizer
+    x = quantizers.quantize_activations(x, cfg.act_bits, cfg.int4_scale)
+    self.sow("intermediates", "quantized_input", x)
+    if ptq and not self.fused:
+      x = rotations.ptq_unrotate(x, self.rotation, rot, block)
+    # weight form
+    w = weights
+    if self.rotation == "weight_and_activation":
+      w = rotations.rotate_input_axis(w, block)
+    if cfg.ternary_weights:
+      w = quantizers.quantize_weights_ternary(w)
+    return contract(x.astype(self.dtype), w.astype(self.dtype))
+
+  def _check(self):
     if self.rotation not in ROTATIONS:
       raise ValueError(f"{self.name}: rotation must be one of {ROTATIONS}, "
                        f"got {self.rotation!r}")
+    if self.quant.weights != "latent" and self.rotation in rotations.PTQ_KINDS:
+      raise ValueError(f"{self.name}: rotated baselines run on latent weights")
 
-  @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
-    self._check_rotation()
-    cfg = self.quant
-    if cfg.weights != "latent":
-      return self._integer(x)
-    w = _kernel(self, x.shape[-1], _as_tuple(self.features), self.kernel_axes,
-                self.kernel_init, self.param_dtype)
-    if self.use_norm:
-      x = RMSNorm(self.norm_eps, self.kernel_axes[0], name="norm")(x)
-    if self.rotation != "none":
-      self.sow("intermediates", "pre_rotation", x)
-      x = rotate(x, cfg.hadamard_block_size, self.kernel_axes[0])
-    self.sow("intermediates", "quant_input", x)
-    if cfg.topk_ratio is not None:
-      x = quantizers.sparsify_topk(x, cfg.topk_ratio)
-    x = quantizers.quantize_activations(x, cfg.act_bits, cfg.int4_scale)
-    self.sow("intermediates", "quantized_input", x)
-    if self.rotation == "weight_and_activation":
-      w = rotate_input_axis(w, cfg.hadamard_block_size)
-    if cfg.ternary_weights:
-      w = quantizers.quantize_weights_ternary(w)
-    return _contract(x.astype(self.dtype), w.astype(self.dtype))
-
-
-  def _integer(self, x: jax.Array) -> jax.Array:
-    """Inference on exported ternary codes (see `bitnet_jax.export`): the
-    codes already include a weight rotation, so only x is rotated here."""
-    cfg = self.quant
-    shape = (x.shape[-1], *_as_tuple(self.features))
+  def _weights(self, d_in: int):
+    """The latent kernel [in, *out], or (ternary codes, scale) of exported
+    weights (their codes already include any weight rotation)."""
+    shape = (d_in, *_as_tuple(self.features))
+    if self.quant.weights == "latent":
+      return _kernel(self, d_in, shape[1:], self.kernel_axes, self.kernel_init,
+                     self.param_dtype)
     scale = self.param("scale", nn.initializers.ones, (), jnp.float32)
-    if cfg.weights == "packed":
-      from bitnet_jax import packing
+    if self.quant.weights == "packed":
       packed = self.param("packed", nn.initializers.zeros,
                           (packing.packed_ternary_size(shape),), jnp.uint8)
-      w_codes = packing.unpack_ternary(packed, shape)
-    else:
-      w_codes = self.param("codes", nn.initializers.zeros, shape, jnp.int8)
-    if self.use_norm:
-      x = RMSNorm(self.norm_eps, self.kernel_axes[0], name="norm")(x)
-    if self.rotation != "none":
-      x = rotate(x, cfg.hadamard_block_size, self.kernel_axes[0])
-    if cfg.topk_ratio is not None:
-      x = quantizers.sparsify_topk(x, cfg.topk_ratio)
-    x_codes, x_scale = quantizers.activation_codes(x, cfg.act_bits)
-    acc = integer_matmul(x_codes, w_codes)
-    x_scale = x_scale.reshape(*x_scale.shape[:-1], *([1] * (acc.ndim - x_scale.ndim + 1)))
-    return (acc.astype(jnp.float32) * (x_scale * scale)).astype(self.dtype)
+      return packing.unpack_ternary(packed, shape), scale
+    return self.param("codes", nn.initializers.zeros, shape, jnp.int8), scale
 
-
-class HBitLinear(BitLinear):
-  """H-BitLinear (Eq. 7): a BitLinear that rotates its input by a Hadamard."""
-  rotation: str = "activation"
-
-  def _check_rotation(self):
-    super()._check_rotation()
-    if self.rotation == "none":
-      raise ValueError(f"{self.name}: HBitLinear needs rotation 'activation' or "
-                       "'weight_and_activation'; use BitLinear for none")
+  def _ptq_rotation(self, d_in: int) -> jax.Array:
+    if self.rotation == "random_hadamard":
+      return self.param("signs", nn.initializers.ones, (d_in,), jnp.float32)
+    return self.param("rotation", lambda _, n: jnp.eye(n, dtype=jnp.float32),
+                      d_in)

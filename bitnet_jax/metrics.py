@@ -18,6 +18,7 @@ from typing import Mapping
 import numpy as np
 
 from bitnet_jax import rundir
+from bitnet_jax.errors import Diverged
 
 
 class MetricWriter:
@@ -143,7 +144,7 @@ def check_finite(step: int, metrics: Mapping[str, float],
           + ("" if metrics.get("finite", 1.0) else ", parameters not finite"))
   where = (f"the last good checkpoint is step {last_checkpoint} in {ckpt_dir}"
            if last_checkpoint is not None else "no checkpoint was written yet")
-  raise FloatingPointError(
+  raise Diverged(
       f"update {step} is not finite ({what}); stopping without saving it "
       f"({where}; resume with a lower opt.lr or a longer opt.warmup_steps)")
 

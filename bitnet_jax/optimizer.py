@@ -22,6 +22,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from bitnet_jax import sites
+from bitnet_jax.errors import ConfigError
+
 
 def stage2_start_step(opt, num_steps: int) -> int:
   return int(round(opt.stage2_start * num_steps))
@@ -30,12 +33,12 @@ def stage2_start_step(opt, num_steps: int) -> int:
 def _check(opt, num_steps: int) -> int:
   mid = stage2_start_step(opt, num_steps)
   if num_steps <= 0:
-    raise ValueError(f"train.num_steps must be positive, got {num_steps}")
+    raise ConfigError(f"train.num_steps must be positive, got {num_steps}")
   if not 0 <= opt.warmup_steps <= mid <= num_steps:
-    raise ValueError(f"need 0 <= opt.warmup_steps ({opt.warmup_steps}) <= "
+    raise ConfigError(f"need 0 <= opt.warmup_steps ({opt.warmup_steps}) <= "
                      f"stage-2 start ({mid}) <= train.num_steps ({num_steps})")
   if opt.lr_shape not in ("linear", "cosine"):
-    raise ValueError(f"opt.lr_shape must be linear or cosine, got {opt.lr_shape!r}")
+    raise ConfigError(f"opt.lr_shape must be linear or cosine, got {opt.lr_shape!r}")
   return mid
 
 
@@ -69,9 +72,10 @@ def wd_schedule(opt, num_steps: int) -> optax.Schedule:
 
 
 def decay_mask(params):
-  """True for linear kernels: what weight decay applies to."""
+  """True for the projections' and the head's kernels (sites.py): what
+  weight decay applies to."""
   return jax.tree_util.tree_map_with_path(
-      lambda path, _: getattr(path[-1], "key", None) == "kernel", params)
+      lambda path, _: sites.is_weight_matrix(sites.path_keys(path)), params)
 
 
 def make_optimizer(opt, num_steps: int) -> optax.GradientTransformation:

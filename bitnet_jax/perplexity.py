@@ -13,12 +13,14 @@ from typing import Sequence
 
 import numpy as np
 
+from bitnet_jax.errors import ConfigError, InputError
+
 
 def window_plan(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
   """(begin, first, last) per window for an n-token document: inputs
   tokens[begin : begin + window], scored targets at positions first..last."""
   if not 0 < stride <= window:
-    raise ValueError(f"need 0 < stride <= window, got {stride} and {window}")
+    raise ConfigError(f"need 0 < stride <= window, got {stride} and {window}")
   plan, scored, begin = [], 0, 0
   while scored < n - 1:
     last = min(begin + window, n - 1)
@@ -75,21 +77,21 @@ def token_rows(tokenizer, docs: Sequence[str], rows: int, width: int
       break
   n = min(rows, len(stream) // width)
   if n == 0:
-    raise ValueError(f"the text has {len(stream)} tokens, fewer than one "
+    raise InputError(f"the text has {len(stream)} tokens, fewer than one "
                      f"sequence of {width}")
   return np.asarray(stream[:n * width], np.int32).reshape(n, width)
 
 
 def perplexity(pre, docs: Sequence[str], window: int = 0, stride: int = 0,
                batch_size: int = 8) -> dict:
-  window = window or pre.model_cfg.max_len
+  window = window or pre.model_cfg.seq_len
   stride = stride or window
   tokens = [document_tokens(pre.tokenizer, d) for d in docs]
   lps, _ = target_logprobs(pre, tokens, window, stride, batch_size)
   total = -sum(float(lp.sum()) for lp in lps)
   count = sum(len(lp) for lp in lps)
   if count == 0:
-    raise ValueError("no tokens to score")
+    raise InputError("no tokens to score")
   nll = total / count
   return {"nll": nll, "ppl": math.exp(nll), "tokens": count,
           "documents": len(docs), "window": window, "stride": stride}
@@ -107,12 +109,6 @@ class Documents:
   tfds_name: str = ""
   tfds_data_dir: str = ""
   max_docs: int = 0        # 0 = every document
-
-  @classmethod
-  def from_flags(cls, flags_) -> "Documents":
-    """From a CLI's flags of the same names (evaluate's)."""
-    return cls(**{f.name: getattr(flags_, f.name)
-                  for f in dataclasses.fields(cls)})
 
 
 def corpus_documents(pre, select: Documents) -> tuple[list[str], str]:
@@ -138,6 +134,6 @@ def corpus_documents(pre, select: Documents) -> tuple[list[str], str]:
     docs = {"eval": split.eval, "train": split.train,
             "all": list(split.train) + list(split.eval)}.get(which)
     if docs is None:
-      raise ValueError(f"--split must be all, eval or train for {data.source}")
+      raise ConfigError(f"--split must be all, eval or train for {data.source}")
   docs = list(docs[:select.max_docs] if select.max_docs else docs)
   return docs, f"{split.description}, split {which}"

@@ -23,6 +23,7 @@ import orbax.checkpoint as ocp
 from bitnet_jax import checkpoint as ckpt_lib
 from bitnet_jax import rundir
 from bitnet_jax import tokenizer as tokenizer_lib
+from bitnet_jax.errors import ConfigError, MissingInput
 from bitnet_jax.model import ModelConfig, Transformer, param_shapes
 from bitnet_jax.train_step import token_nll
 
@@ -47,7 +48,7 @@ class Pretrained:
     """The same weights under other shape-preserving model settings."""
     bad = set(overrides) - set(OVERRIDABLE)
     if bad:
-      raise ValueError(f"cannot override {sorted(bad)} of a trained model; "
+      raise ConfigError(f"cannot override {sorted(bad)} of a trained model; "
                        f"allowed: {OVERRIDABLE}")
     return dataclasses.replace(self, model_cfg=self.model_cfg.replace(**overrides))
 
@@ -85,7 +86,7 @@ def load(workdir: str, *, step: int | None = None,
   directory, latest = ckpt_lib.resolve_checkpoint(workdir)
   step = latest if step is None else step
   if not (directory / str(step) / "state").exists():
-    raise FileNotFoundError(f"{workdir}: no checkpoint at step {step} (latest "
+    raise MissingInput(f"{workdir}: no checkpoint at step {step} (latest "
                             f"is {latest})")
   abstract = param_shapes(model_cfg)
   state_dir = directory / str(step) / "state"

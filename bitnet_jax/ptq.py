@@ -39,23 +39,22 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax import rotated_linear, rundir
+from bitnet_jax import cli, policy, rundir, sites
+from bitnet_jax import rotations as rotation_lib
+from bitnet_jax.errors import ConfigError
 from bitnet_jax.model import ModelConfig, Transformer, param_shapes
 from bitnet_jax.train_step import token_nll
 
 METHODS = {"quarot": "random_hadamard", "spinquant": "learned"}
-# (block, projection, role) of every quantized projection of a block.
-PROJECTIONS = (("attn", "qkv", "qkv"), ("attn", "o", "o"),
-               ("ffn", "up_gate", "up_gate"), ("ffn", "down", "down"))
 
 
-def linear_slots(cfg: ModelConfig) -> list[tuple[tuple[str, ...], str]]:
-  """(path of the projection's params, role) for every rotated projection;
+def linear_slots(cfg: ModelConfig) -> list[tuple[tuple[str, ...], sites.Site]]:
+  """(path of the projection's params, site) for every rotated projection;
   with scan_layers the arrays under a path carry a leading layer axis."""
   prefixes = [("layers",)] if cfg.scan_layers else [
       (f"layer_{i}",) for i in range(cfg.num_layers)]
-  return [(p + (blk, name), role) for p in prefixes
-          for blk, name, role in PROJECTIONS]
+  return [(p + (site.block, site.name), site) for p in prefixes
+          for site in sites.SITES]
 
 
 def _get(tree, path):
@@ -80,9 +79,9 @@ def _over_layers(fn, cfg: ModelConfig):
 def ptq_config(cfg: ModelConfig, method: str, fuse: bool,
                act_bits: int = 4) -> ModelConfig:
   if method not in METHODS:
-    raise ValueError(f"method must be one of {tuple(METHODS)}, got {method!r}")
+    raise ConfigError(f"method must be one of {tuple(METHODS)}, got {method!r}")
   if cfg.variant != "b1.58":
-    raise ValueError(f"the rotation baselines quantize a BitNet b1.58 run; this "
+    raise ConfigError(f"the rotation baselines quantize a BitNet b1.58 run; this "
                      f"run's variant is {cfg.variant!r}")
   return cfg.replace(ptq_rotation=METHODS[method], ptq_fused=fuse,
                      act_bits=act_bits, weights="latent")
@@ -92,20 +91,20 @@ def quarot_signs(cfg: ModelConfig, seed: int = 0) -> dict:
   """Random +-1 diagonals, one per projection and layer: {path: signs}."""
   key = jax.random.PRNGKey(seed)
   out = {}
-  for i, (path, role) in enumerate(linear_slots(cfg)):
-    n = cfg.d_ff if role == "down" else cfg.d_model
+  for i, (path, site) in enumerate(linear_slots(cfg)):
+    n = cfg.d_ff if site is sites.DOWN else cfg.d_model
     k = jax.random.fold_in(key, i)
     if cfg.scan_layers:
-      out[path] = jax.vmap(lambda kk: rotated_linear.random_signs(kk, n))(
+      out[path] = jax.vmap(lambda kk: rotation_lib.random_signs(kk, n))(
           jax.random.split(k, cfg.num_layers))
     else:
-      out[path] = rotated_linear.random_signs(k, n)
+      out[path] = rotation_lib.random_signs(k, n)
   return out
 
 
 def dense_rotations(cfg: ModelConfig, signs: dict) -> dict:
   """The dense R = diag(s) H of each QuaRot rotation (SpinQuant's start)."""
-  dense = _over_layers(lambda s: rotated_linear.hadamard_matrix(
+  dense = _over_layers(lambda s: rotation_lib.hadamard_matrix(
       s, cfg.hadamard_block_size), cfg)
   return {path: dense(s) for path, s in signs.items()}
 
@@ -115,15 +114,15 @@ def rotate_params(params, cfg: ModelConfig, rotations: dict):
   its rotation (signs or dense R) and, where fused, the kernel R^T W."""
   kind = cfg.ptq_rotation
   name = "signs" if kind == "random_hadamard" else "rotation"
-  fuse = _over_layers(lambda w, r: rotated_linear.fuse_kernel(
+  fuse = _over_layers(lambda w, r: rotation_lib.fuse_kernel(
       w, kind, r, cfg.hadamard_block_size), cfg)
   out = params
-  for path, role in linear_slots(cfg):
+  for path, site in linear_slots(cfg):
     linear = dict(_get(params, path))
     rot = rotations[path]
     linear[name] = rot
-    if cfg.ptq_fused or role in ("o", "down"):
-      linear["kernel"] = fuse(linear["kernel"], rot)
+    if policy.linear(cfg, site.name).fused:
+      linear[sites.KERNEL] = fuse(linear[sites.KERNEL], rot)
     out = _set(out, path, linear)
   return out
 
@@ -291,23 +290,16 @@ def write_run(pre, out: str, cfg: ModelConfig, params, info: dict) -> None:
 def define_flags() -> None:
   from absl import flags
   flags.DEFINE_enum("method", None, list(METHODS), "quarot or spinquant.")
-  flags.DEFINE_string("workdir", None, "The trained BitNet b1.58 run.")
-  flags.DEFINE_integer("step", -1, "Its checkpoint step (-1: latest).")
+  cli.define_run_flags("The trained BitNet b1.58 run.", config=False)
   flags.DEFINE_string("out", None, "Output run directory.")
   flags.DEFINE_bool("overwrite", False, "Replace an existing --out run.")
   flags.DEFINE_bool("fuse_rotation", False, "Fuse the rotation into W_qkv and "
                     "W_up,gate too (Q_w(W R^T)); default keeps it outside.")
   flags.DEFINE_integer("act_bits", 4, "Activation bits (absmax).")
   flags.DEFINE_integer("seed", 0, "Seed of the random Hadamard signs.")
-  flags.DEFINE_enum("calib_source", "heldout", ["heldout", "text", "jsonl",
-                                                "tfds"],
-                    "SpinQuant calibration text: the run's own data config "
-                    "(heldout) or another source.")
-  flags.DEFINE_string("calib_split", "train", "eval or train (tfds: a split).")
-  flags.DEFINE_string("calib_paths", "", "text/jsonl files or globs.")
-  flags.DEFINE_string("calib_text_field", "text", "jsonl/tfds text field.")
-  flags.DEFINE_string("calib_tfds_name", "", "tfds dataset name.")
-  flags.DEFINE_string("calib_tfds_data_dir", "", "tfds data_dir.")
+  cli.define_document_flags(
+      "calib_", default_split="train", max_docs=False,
+      split_help="SpinQuant calibration text: eval or train (tfds: a split).")
   flags.DEFINE_integer("calib_samples", 800, "Calibration rows of the model's "
                        "context length (the paper: 800).")
   flags.DEFINE_integer("calib_steps", 100, "Cayley SGD steps.")
@@ -330,39 +322,29 @@ def main(argv):
   del argv
   from absl import app, flags
   from bitnet_jax import pretrained
-  from bitnet_jax.checkpoint import CheckpointError
-  from bitnet_jax.perplexity import Documents, corpus_documents
+  from bitnet_jax.perplexity import corpus_documents
   f = flags.FLAGS
-  if not (f.method and f.workdir and f.out):
-    raise app.UsageError("--method, --workdir and --out are required")
+  cli.require("method", "workdir", "out")
   if os.path.abspath(f.out) == os.path.abspath(f.workdir):
     raise app.UsageError("--out must differ from --workdir")
-  try:
-    if rundir.RunDir(f.out).checkpoints.exists():
-      if not f.overwrite:
-        raise ValueError(f"{f.out} already holds a run; pass --overwrite to "
-                         "replace it")
-      shutil.rmtree(f.out)
-    pre = pretrained.load(f.workdir, step=None if f.step < 0 else f.step)
-    ptq_config(pre.model_cfg, f.method, f.fuse_rotation, f.act_bits)
-    rows = None
-    if f.method == "spinquant":
-      src = Documents(
-          source=f.calib_source, split=f.calib_split, paths=f.calib_paths,
-          text_field=f.calib_text_field, tfds_name=f.calib_tfds_name,
-          tfds_data_dir=f.calib_tfds_data_dir)
-      docs, desc = corpus_documents(pre, src)
-      rows = calibration_rows(pre.tokenizer, docs, f.calib_samples,
-                              pre.model_cfg.max_len)
-      logging.info("calibration: %d rows of %d tokens from %s", len(rows),
-                   rows.shape[1], desc)
-    cfg, params, info = quantize(
-        pre, f.method, f.fuse_rotation, act_bits=f.act_bits, seed=f.seed,
-        calib_rows=rows, steps=f.calib_steps, lr=f.lr, batch=f.calib_batch)
-    write_run(pre, f.out, cfg, params, info)
-  except (ValueError, FileNotFoundError, KeyError, CheckpointError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  if rundir.RunDir(f.out).checkpoints.exists():
+    if not f.overwrite:
+      raise ConfigError(f"{f.out} already holds a run; pass --overwrite to "
+                        "replace it")
+    shutil.rmtree(f.out)
+  pre = pretrained.load(f.workdir, step=cli.checkpoint_step())
+  ptq_config(pre.model_cfg, f.method, f.fuse_rotation, f.act_bits)
+  rows = None
+  if f.method == "spinquant":
+    docs, desc = corpus_documents(pre, cli.documents("calib_"))
+    rows = calibration_rows(pre.tokenizer, docs, f.calib_samples,
+                            pre.model_cfg.seq_len)
+    logging.info("calibration: %d rows of %d tokens from %s", len(rows),
+                 rows.shape[1], desc)
+  cfg, params, info = quantize(
+      pre, f.method, f.fuse_rotation, act_bits=f.act_bits, seed=f.seed,
+      calib_rows=rows, steps=f.calib_steps, lr=f.lr, batch=f.calib_batch)
+  write_run(pre, f.out, cfg, params, info)
   summary = {k: v for k, v in info.items() if k != "history"}
   print(json.dumps(summary, indent=2))
   print(f"wrote {f.out} (evaluate: python -m bitnet_jax.evaluate "
@@ -370,6 +352,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app
   define_flags()
-  app.run(main, argv=_dashes_to_underscores(sys.argv))
+  cli.run(main, argv=_dashes_to_underscores(sys.argv))

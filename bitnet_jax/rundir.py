@@ -26,6 +26,8 @@ import os
 from etils import epath
 import ml_collections
 
+from bitnet_jax.errors import MissingInput, UserError
+
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.model"
 CHECKPOINTS = "checkpoints"
@@ -37,7 +39,7 @@ LOCK = "train.lock"
 EVAL = "eval"
 
 
-class NotWritable(OSError):
+class NotWritable(UserError, OSError):
   """The workdir cannot be created or written."""
 
 
@@ -77,7 +79,7 @@ class RunDir:
   def read_config(self) -> ml_collections.ConfigDict:
     path = self.path / CONFIG
     if not path.exists():
-      raise FileNotFoundError(f"{self.path} has no {CONFIG}: not a bitnet_jax "
+      raise MissingInput(f"{self.path} has no {CONFIG}: not a bitnet_jax "
                               "run directory (or pass its config explicitly)")
     return ml_collections.ConfigDict(json.loads(path.read_text()))
 

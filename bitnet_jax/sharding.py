@@ -21,6 +21,8 @@ from jax.experimental import mesh_utils
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
+from bitnet_jax.errors import ConfigError
+
 MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
@@ -29,16 +31,16 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
   fills = [i for i, s in enumerate(sizes) if s == -1]
   if len(fills) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))}: sizes must be "
+    raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))}: sizes must be "
                      "positive, with at most one -1 (fill)")
   fixed = math.prod(s for s in sizes if s != -1)
   if fills:
     if num_devices % fixed:
-      raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide the "
+      raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} does not divide the "
                        f"{num_devices} devices")
     sizes[fills[0]] = num_devices // fixed
   if math.prod(sizes) != num_devices:
-    raise ValueError(f"mesh {dict(zip(MESH_AXES, sizes))} needs "
+    raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))} needs "
                      f"{math.prod(sizes)} devices, but there are {num_devices}")
   return tuple(sizes)
 
@@ -59,7 +61,7 @@ def logical_rules(mesh_cfg) -> tuple[tuple[str, Any], ...]:
     axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
     for a in (axes if isinstance(axes, tuple) else (axes,)):
       if a is not None and a not in MESH_AXES:
-        raise ValueError(f"mesh.rules: {logical!r} -> unknown mesh axis {a!r}")
+        raise ConfigError(f"mesh.rules: {logical!r} -> unknown mesh axis {a!r}")
     rules.append((logical, axes))
   return tuple(rules)
 
@@ -113,9 +115,9 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 def check_batch_divides(batch_size: int, mesh: Mesh, microbatches: int = 1) -> None:
   shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
   if microbatches < 1:
-    raise ValueError(f"train.microbatches must be >= 1, got {microbatches}")
+    raise ConfigError(f"train.microbatches must be >= 1, got {microbatches}")
   if batch_size % (shards * microbatches):
-    raise ValueError(f"data.batch_size {batch_size} is not divisible by the "
+    raise ConfigError(f"data.batch_size {batch_size} is not divisible by the "
                      f"{shards} batch shards of mesh {dict(mesh.shape)} times "
                      f"train.microbatches {microbatches}")
 

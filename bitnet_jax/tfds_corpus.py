@@ -15,11 +15,11 @@ sources (corpus.split_train_eval); documents keep their file order.
 """
 from __future__ import annotations
 
-from absl import app, flags
+from absl import flags
 import ml_collections
 import tensorflow_datasets as tfds
 
-from bitnet_jax import corpus
+from bitnet_jax import cli, corpus
 
 
 class LocalTextCorpus(tfds.core.GeneratorBasedBuilder):
@@ -90,4 +90,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flags_as_required(["paths", "data_dir"])
-  app.run(main)
+  cli.run(main)

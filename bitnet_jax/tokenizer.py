@@ -21,6 +21,7 @@ from etils import epath
 import sentencepiece as spm
 
 from bitnet_jax import rundir
+from bitnet_jax.errors import InputError, MissingInput
 
 
 class Tokenizer:
@@ -36,7 +37,7 @@ class Tokenizer:
   def load(cls, path: str | os.PathLike) -> "Tokenizer":
     p = epath.Path(path)
     if not p.exists():
-      raise FileNotFoundError(f"tokenizer model not found: {p}")
+      raise MissingInput(f"tokenizer model not found: {p}")
     return cls(p.read_bytes(), source=str(p))
 
   @property
@@ -46,7 +47,7 @@ class Tokenizer:
       try:
         sp.LoadFromSerializedProto(self._proto)
       except Exception as e:  # sentencepiece raises RuntimeError / OSError
-        raise ValueError(f"{self.source} is not a sentencepiece model: {e}") from e
+        raise InputError(f"{self.source} is not a sentencepiece model: {e}") from e
       self._sp = sp
     return self._sp
 
@@ -101,7 +102,7 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int,
         pad_id=0, unk_id=1, bos_id=2, eos_id=3, num_threads=num_threads,
         hard_vocab_limit=True, minloglevel=2)
   except RuntimeError as e:
-    raise ValueError(f"training a {vocab_size}-piece tokenizer failed (too "
+    raise InputError(f"training a {vocab_size}-piece tokenizer failed (too "
                      f"little text for that vocabulary?): {e}") from e
   return Tokenizer(buf.getvalue(), source="<trained>")
 
@@ -126,7 +127,7 @@ def get_tokenizer(path: str, workdir: str | None, vocab_size: int,
     tok = Tokenizer.load(path)
   else:
     if not workdir:
-      raise ValueError("no tokenizer path and no workdir to cache one in")
+      raise InputError("no tokenizer path and no workdir to cache one in")
     cache = rundir.RunDir(workdir).own_tokenizer
     if is_leader and not cache.exists():
       logging.info("training a %d-piece tokenizer into %s", vocab_size, cache)
@@ -134,14 +135,14 @@ def get_tokenizer(path: str, workdir: str | None, vocab_size: int,
     barrier("bitnet_jax_tokenizer")
     tok = Tokenizer.load(cache)
     if tok.vocab_size != vocab_size:
-      raise ValueError(
+      raise InputError(
           f"{cache} was trained with {tok.vocab_size} pieces but "
           f"model.vocab_size is {vocab_size}: use a new workdir or delete it")
     logging.info("tokenizer: %s (%d pieces)", cache, tok.vocab_size)
   if tok.vocab_size > vocab_size:
-    raise ValueError(
+    raise InputError(
         f"tokenizer {tok.source} has {tok.vocab_size} pieces but "
         f"model.vocab_size is {vocab_size}; raise --config.model.vocab_size")
   if tok.bos_id < 0 or tok.eos_id < 0:
-    raise ValueError(f"tokenizer {tok.source} defines no BOS/EOS pieces")
+    raise InputError(f"tokenizer {tok.source} defines no BOS/EOS pieces")
   return tok

@@ -29,6 +29,9 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
+from bitnet_jax import cli
+from bitnet_jax.errors import ConfigError
+
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "Config file (configs/*.py).",
                                 lock_config=True)
@@ -75,10 +78,9 @@ def main(argv):
     config.keys()  # ml_collections defers a failed load to the first access
   except (OSError, SyntaxError, AttributeError) as e:
     detail = [l.strip() for l in str(e).splitlines() if l.strip()][-1]
-    print(f"error: cannot load --config="
-          f"{config_flags.get_config_filename(FLAGS['config'])}: {detail}",
-          file=sys.stderr)
-    sys.exit(1)
+    raise ConfigError(f"cannot load --config="
+                      f"{config_flags.get_config_filename(FLAGS['config'])}: "
+                      f"{detail}") from None
   if not FLAGS.workdir and not FLAGS.dry_run:
     raise app.UsageError("--workdir is required (except with --dry_run)")
   if FLAGS.topology and not FLAGS.dry_run:
@@ -93,16 +95,12 @@ def main(argv):
   sharding.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address,
                                   FLAGS.num_processes, FLAGS.process_id)
   from bitnet_jax import trainer  # imports jax-heavy modules after init
-  try:
-    if FLAGS.dry_run:
-      trainer.dry_run(config, FLAGS.topology, FLAGS.dry_run_json)
-      return
-    summary = trainer.train(config, FLAGS.workdir, trainer.Preemption())
-    logging.info("done: %s", json.dumps(summary))
-  except trainer.USER_ERRORS as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  if FLAGS.dry_run:
+    trainer.dry_run(config, FLAGS.topology, FLAGS.dry_run_json)
+    return
+  summary = trainer.train(config, FLAGS.workdir, trainer.Preemption())
+  logging.info("done: %s", json.dumps(summary))
 
 
 if __name__ == "__main__":
-  app.run(main, flags_parser=parse_flags)
+  cli.run(main, flags_parser=parse_flags)

@@ -33,7 +33,7 @@ def init_state(model: Transformer, tx: optax.GradientTransformation,
                rng: jax.Array) -> TrainState:
   """Boxed state: params (and the moments built from them) keep their
   logical-axis metadata, which `sharding.state_shardings` reads."""
-  tokens = jnp.zeros((1, min(model.cfg.max_len, 8)), jnp.int32)
+  tokens = jnp.zeros((1, min(model.cfg.seq_len, 8)), jnp.int32)
   params = model.init(rng, tokens)["params"]
   return TrainState(step=jnp.zeros((), jnp.int32), params=params,
                     opt_state=tx.init(params))
@@ -142,7 +142,7 @@ def flops_per_token(cfg: ModelConfig, params) -> float:
   per token and not counted."""
   matmul_params = count_params(params, non_embedding=True)
   matmul_params += cfg.d_model * cfg.vocab_size  # the output head
-  return 6.0 * matmul_params + 12.0 * cfg.num_layers * cfg.d_model * cfg.max_len
+  return 6.0 * matmul_params + 12.0 * cfg.num_layers * cfg.d_model * cfg.seq_len
 
 
 def device_peak_flops(device: jax.Device, override: float = 0.0) -> float | None:

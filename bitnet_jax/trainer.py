@@ -34,16 +34,8 @@ from bitnet_jax import sharding
 from bitnet_jax import tokenizer as tokenizer_lib
 from bitnet_jax import train_step as step_lib
 from bitnet_jax import workdir_lock
+from bitnet_jax.errors import ConfigError, MissingInput, UserError
 from bitnet_jax.model import ModelConfig, Transformer, count_params
-
-
-class UserError(Exception):
-  """Bad input: reported as one line, without a traceback."""
-
-
-USER_ERRORS = (UserError, ValueError, FileNotFoundError, KeyError,
-               IsADirectoryError, ckpt_lib.CheckpointError, FloatingPointError,
-               workdir_lock.WorkdirBusy, rundir.NotWritable)
 
 
 class Preemption:
@@ -104,10 +96,7 @@ class Setup:
 
 def build(config, devices=None) -> Setup:
   model_cfg = ModelConfig.from_config(config)
-  try:
-    defaults.validate(config)
-  except ValueError as e:
-    raise UserError(str(e)) from None
+  defaults.validate(config)
   num_steps = config.train.num_steps
   stop = defaults.stop_step(config)
   mesh = sharding.make_mesh(config.mesh, devices)
@@ -155,7 +144,7 @@ def dry_run(config, topology: str = "", json_path: str = "") -> dict:
   from bitnet_jax import dry_run as dry_run_lib
   try:
     report = dry_run_lib.report(config, topology)
-  except (dry_run_lib.TopologyError, MemoryError) as e:
+  except MemoryError as e:
     raise UserError(str(e)) from None
   print(dry_run_lib.format_report(report))
   if json_path:
@@ -224,7 +213,7 @@ def initial_state(setup: Setup, config, ckpt: ckpt_lib.Checkpointer, data_iter):
                  setup.bits_at(step), "" if data_ok else "; data stream restarted")
     return state, step, "init_from"
   if config.train.require_init_from:
-    raise UserError("this config continues an 8-bit run: set "
+    raise ConfigError("this config continues an 8-bit run: set "
                     "--config.init_from=<a8 workdir>")
   init = jax.jit(step_lib.unboxed_init(Transformer(setup.model_cfg), setup.tx),
                  out_shardings=setup.state_sharding)
@@ -263,7 +252,7 @@ def train(config, workdir: str, preemption: Preemption | None = None) -> dict:
     try:  # fail before compiling
       ckpt_lib.resolve_checkpoint(config.init_from)
     except FileNotFoundError as e:
-      raise UserError(f"init_from: {e}") from None
+      raise MissingInput(f"init_from: {e}") from None
   setup = build(config)
   lock = workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0)
   lock.acquire()  # before anything is written into the workdir

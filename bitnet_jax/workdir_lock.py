@@ -18,13 +18,14 @@ import threading
 import time
 
 from bitnet_jax import rundir
+from bitnet_jax.errors import UserError
 
 LOCK_NAME = rundir.LOCK
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
 
 
-class WorkdirBusy(RuntimeError):
+class WorkdirBusy(UserError, RuntimeError):
   """Another live trainer holds the workdir (reported as one line)."""
 
 

@@ -74,11 +74,11 @@ def test_summarizer_finds_every_layer_input(variant):
   """Scanned and unrolled layers give the same keys and statistics, and the
   statistics are those of the inputs recomputed by hand for layer 0's W_qkv."""
   cfg = ModelConfig(vocab_size=64, d_model=32, d_ff=64, num_heads=2,
-                    num_layers=2, max_len=16, variant=variant)
+                    num_layers=2, seq_len=16, variant=variant)
   tokens = np.random.default_rng(0).integers(0, 64, (2, 16)).astype(np.int32)
   params = nn.meta.unbox(Transformer(cfg).init(jax.random.PRNGKey(0), tokens)["params"])
   scanned = jax.device_get(activation_stats.make_summarizer(Transformer(cfg))(params, tokens))
-  sites = [f"layer{i}/{s}/input" for i in range(2) for s in activation_stats.SITES]
+  sites = [f"layer{i}/{s}/input" for i in range(2) for s in ("qkv", "o", "up_gate", "down")]
   rotated = ([f"layer{i}/{s}/pre_rotation" for i in range(2) for s in ("o", "down")]
              if variant == "v2" else [])
   assert sorted(scanned) == sorted(sites + rotated)
@@ -141,7 +141,7 @@ def test_bad_inputs_are_clear_errors(tmp_path):
         "tokenizer": type("T", (), {"bos_id": 1, "eos_id": 2,
                                      "encode": lambda self, s: [5, 6]})(),
         "model_cfg": ModelConfig(vocab_size=8, d_model=8, d_ff=8, num_heads=2,
-                                 num_layers=1, max_len=16)})(), ["hi"], 2)
+                                 num_layers=1, seq_len=16)})(), ["hi"], 2)
 
 
 def read_events(directory):

@@ -1,11 +1,14 @@
-"""Every file in configs/ loads, is documented, and builds a valid model."""
+"""Every file in configs/ loads, its documented override works, and it
+builds a valid model; the model config is the config groups."""
+import dataclasses
 import glob
 import importlib.util
 import os
+import re
 
 import pytest
 
-from bitnet_jax import defaults
+from bitnet_jax import defaults, model_config
 from bitnet_jax.model import ModelConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -26,20 +29,56 @@ def test_there_are_configs():
   assert {"tiny.py", "tiny_a4.py"} <= names
 
 
+def documented_overrides(doc: str, rel: str) -> list[tuple[str, str]]:
+  """The --config.a.b=v pairs of the docstring's run example."""
+  example = doc.split(f"--config={rel}", 1)[1]
+  return re.findall(r"--config\.([\w.]+)=(\S+)", example)
+
+
 @pytest.mark.parametrize("path", CONFIG_FILES, ids=os.path.basename)
-def test_config_loads_and_is_documented(path):
+def test_config_and_its_documented_override_build_a_valid_run(path):
   module = load(path)
   doc = module.__doc__ or ""
   rel = os.path.relpath(path, ROOT)
   assert f"--config={rel}" in doc, "docstring shows the exact run command"
-  assert "--config." in doc.split(f"--config={rel}", 1)[1], "an override example"
-  assert "Expected" in doc
   config = module.get_config()
   # Same schema as the documented defaults: no stray or missing fields.
   assert set(config.keys()) == set(defaults.base_config().keys())
   for group in ("model", "quant", "opt", "data", "mesh", "train"):
     assert set(config[group].keys()) == set(defaults.base_config()[group].keys())
   ModelConfig.from_config(config)  # validates shapes and options
+  defaults.validate(config)
+  # The documented override example names real fields and stays valid.
+  overrides = documented_overrides(doc, rel)
+  assert overrides, "an override example"
+  for dotted, value in overrides:
+    *groups, field = dotted.split(".")
+    node = config
+    for g in groups:
+      node = node[g]
+    old = node[field]  # KeyError: the example names no real field
+    node[field] = (value.lower() == "true" if isinstance(old, bool)
+                   else type(old)(value))
+  ModelConfig.from_config(config)
+  defaults.validate(config)
+
+
+def test_model_config_is_the_model_and_quant_groups():
+  """One schema: ModelConfig's fields are the model group plus the quant
+  group's model keys, with the same defaults."""
+  base = defaults.base_config()
+  fields = {f.name: f for f in dataclasses.fields(ModelConfig)}
+  keys = set(base.model.keys()) | (set(base.quant.keys()) -
+                                   set(model_config.TRAINING_QUANT_KEYS))
+  assert set(fields) == keys
+  for group in (base.model, base.quant):
+    for key, value in group.items():
+      f = fields.get(key)
+      if f is not None and f.default is not dataclasses.MISSING:
+        assert f.default == value, (key, f.default, value)
+  with pytest.raises(ValueError, match="unknown model/quant config fields"):
+    base.model.unknown_field = 1
+    ModelConfig.from_config(base)
 
 
 def test_a4_configs_continue_their_a8_parent():

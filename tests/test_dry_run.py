@@ -1,10 +1,9 @@
 """--dry_run --topology: the real step compiled for a TPU slice from this host
 (libtpu, no TPU), read as a program: what each chip holds, computes and
 communicates."""
-import jax
 import pytest
 
-from bitnet_jax import chips, dry_run, fit_table, hlo_stats, trainer
+from bitnet_jax import chips, dry_run, fit_table, hlo_stats
 
 
 def test_cpu_topology_report_and_errors():

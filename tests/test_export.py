@@ -56,7 +56,7 @@ def test_integer_matmul_is_exact():
 
 def tiny(variant, act_bits, **kw):
   return ModelConfig(vocab_size=96, d_model=64, d_ff=128, num_heads=2,
-                     num_layers=2, max_len=32, variant=variant,
+                     num_layers=2, seq_len=32, variant=variant,
                      act_bits=act_bits, **kw)
 
 

@@ -12,7 +12,7 @@ PROMPTS = ["The good", "the state of the world", "It"]
 def recompute_greedy(pre, prompt_ids, new_tokens):
   """Greedy decoding by a full forward pass over [prompt + generated] at every
   step (right-padded to the context; causal attention ignores the padding)."""
-  width = pre.model_cfg.max_len
+  width = pre.model_cfg.seq_len
   forward = jax.jit(lambda params, seq: pre.model.apply(
       {"params": params}, seq, bos_BL=seq == pre.tokenizer.bos_id))
   seq = list(prompt_ids)
@@ -33,7 +33,7 @@ def test_cached_greedy_equals_full_recompute(trained_run, kv_bits):
   ids = [[tok.bos_id, *tok.encode(p)][:n]  # three different lengths
          for p, n in zip(PROMPTS, (4, 20, 2))]
   new = 10
-  assert max(len(i) for i in ids) + new <= pre.model_cfg.max_len
+  assert max(len(i) for i in ids) + new <= pre.model_cfg.seq_len
   got = generate.generate_tokens(pre, ids, new)
   for row, prompt in zip(got, ids):
     assert list(row) == recompute_greedy(pre, prompt, new)
@@ -76,7 +76,7 @@ def test_stop_sequences_cut_the_text():
 @pytest.mark.parametrize("bits,limit", [(4, 0.30), (3, 0.30), (8, 0.55)])
 def test_quantized_cache_memory(bits, limit):
   cfg = ModelConfig(vocab_size=64, d_model=256, d_ff=512, num_heads=4,
-                    num_layers=2, max_len=512, dtype="bfloat16")  # head dim 64
+                    num_layers=2, seq_len=512, dtype="bfloat16")  # head dim 64
   bf16 = generate.cache_bytes(cfg, batch=8, length=512)
   quantized = generate.cache_bytes(cfg.replace(kv_bits=bits), batch=8, length=512)
   assert bf16 >= 2 * 2 * 2 * 8 * 512 * 256  # layers x (K, V) x bytes x B x S x d

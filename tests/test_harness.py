@@ -60,7 +60,7 @@ def reference(pre):
   each from its own forward pass (right-padded to the context; causal
   attention keeps padding out) with a float64 log-softmax. Contexts are chosen
   so that tokenization splits cleanly at the boundary."""
-  tok, width = pre.tokenizer, pre.model_cfg.max_len
+  tok, width = pre.tokenizer, pre.model_cfg.seq_len
   forward = jax.jit(lambda params, seq: pre.model.apply(
       {"params": params}, seq, bos_BL=seq == tok.bos_id))
 
@@ -109,9 +109,9 @@ def test_loglikelihood_matches_reference_and_perplexity_path(pre, reference):
   text = "Document 5: " + " ".join(["the good life of the world"] * 10)
   rolling = lm.loglikelihood_rolling([Req(text)])[0]
   tokens = [pre.tokenizer.bos_id, *pre.tokenizer.encode(text)]
-  lps, _ = perplexity.target_logprobs(pre, [tokens], pre.model_cfg.max_len,
-                                    pre.model_cfg.max_len)
-  assert len(tokens) > pre.model_cfg.max_len  # spans several windows
+  lps, _ = perplexity.target_logprobs(pre, [tokens], pre.model_cfg.seq_len,
+                                    pre.model_cfg.seq_len)
+  assert len(tokens) > pre.model_cfg.seq_len  # spans several windows
   assert rolling == pytest.approx(float(lps[0].sum()), rel=1e-6)
   # the same text with empty context through loglikelihood (one window)
   short = "the good life"

@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_jax import defaults, hlo_stats, trainer
+from bitnet_jax import defaults, hlo_stats
 from bitnet_jax import dry_run
 
 

@@ -7,7 +7,7 @@ import pytest
 
 from bitnet_jax import quant
 from bitnet_jax.hadamard import fwht
-from bitnet_jax.layers import BitLinear, HBitLinear, Linear, QuantConfig, RMSNorm
+from bitnet_jax.layers import BitLinear, Linear, QuantConfig, RMSNorm
 
 from np_reference import np_rmsnorm
 
@@ -65,7 +65,8 @@ def test_bitlinear_composition(bits):
 @pytest.mark.parametrize("bits", [8, 4])
 def test_hbitlinear_is_eq7(bits):
   x = data(2)
-  mod = HBitLinear(D_OUT, ("mlp", "embed"), quant=QuantConfig(act_bits=bits))
+  mod = BitLinear(D_OUT, ("mlp", "embed"), quant=QuantConfig(act_bits=bits),
+                  rotation="activation")
   p = setup(mod, x)
   y = mod.apply({"params": p}, x)
   h = fwht(RMSNorm(1e-6).apply({"params": {"scale": p["norm"]["scale"]}}, x))
@@ -79,8 +80,8 @@ def test_hbitlinear_is_eq7(bits):
 
 def test_weight_and_activation_rotation_cancels_without_quantization():
   x = data(3)
-  mod = HBitLinear(D_OUT, ("mlp", "embed"), quant=QuantConfig.off(),
-                   rotation="weight_and_activation")
+  mod = BitLinear(D_OUT, ("mlp", "embed"), quant=QuantConfig.off(),
+                  rotation="weight_and_activation")
   p = setup(mod, x)
   y = mod.apply({"params": p}, x)
   ref = np_rmsnorm(x, p["norm"]["scale"], 1e-6) @ np.asarray(p["kernel"], np.float64)
@@ -134,9 +135,9 @@ def test_params_carry_logical_axes_and_stay_float32():
 
 def test_bad_layer_options():
   x = data(7)
-  with pytest.raises(ValueError, match="HBitLinear needs rotation"):
-    HBitLinear(D_OUT, ("mlp", "embed"), rotation="none").init(
-        jax.random.PRNGKey(0), x)
+  with pytest.raises(ValueError, match="latent weights"):
+    BitLinear(D_OUT, ("mlp", "embed"), rotation="learned",
+              quant=QuantConfig(weights="int8")).init(jax.random.PRNGKey(0), x)
   with pytest.raises(ValueError, match="rotation must be one of"):
     BitLinear(D_OUT, ("mlp", "embed"), rotation="weights").init(
         jax.random.PRNGKey(0), x)

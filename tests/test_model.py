@@ -17,7 +17,7 @@ VARIANTS = ["fp", "b1.58", "v2", "a4.8"]
 
 def small_cfg(**kw):
   base = dict(vocab_size=97, d_model=64, d_ff=128, num_heads=4, num_kv_heads=2,
-              num_layers=2, max_len=16, scan_layers=False)
+              num_layers=2, seq_len=16, scan_layers=False)
   base.update(kw)
   return ModelConfig(**base)
 
@@ -147,7 +147,7 @@ def test_model_equals_reference(variant, bits, qkv):
     # that rounds the other way upstream can move a K/V element across a
     # 4-bit boundary, changing that token's later positions by ~1%. Most
     # positions match exactly; every one is far nearer than unquantized states.
-    plain = jax.jit(Transformer(cfg.replace(q_bits=None, kv_bits=None)).apply)
+    plain = jax.jit(Transformer(cfg.replace(q_bits=0, kv_bits=0)).apply)
     plain = np.asarray(plain({"params": params}, tokens), np.float64)
     per, off = per_position_rel(logits, ref), per_position_rel(plain, ref)
     assert np.mean(per < 2e-3) >= 1 / 2, per

@@ -67,7 +67,10 @@ def test_weight_decay_schedule():
 
 
 def test_hyperparams_live_in_the_state_and_decay_hits_kernels_only():
-  params = {"layer": {"kernel": jnp.ones((3, 3)), "norm": {"scale": jnp.ones(3)}},
+  params = {"layers": {"attn": {"o": {"kernel": jnp.ones((3, 3)),
+                                      "norm": {"scale": jnp.ones(3)}}}},
+            "head": {"kernel": jnp.ones((3, 5))},
+            "other": {"kernel": jnp.ones(2)},  # not a registered site
             "embed": {"embedding": jnp.ones((5, 3))}}
   tx = optimizer.make_optimizer(opt_cfg(grad_clip=0.0), 100)
   state = tx.init(params)
@@ -85,8 +88,11 @@ def test_hyperparams_live_in_the_state_and_decay_hits_kernels_only():
   # Zero gradients: only decoupled weight decay moved anything, and only kernels.
   expected = np.prod([1 - 0.1 * LINEAR.get(s, float(
       optimizer.lr_schedule(opt_cfg(), 100)(s))) for s in range(50)])
-  np.testing.assert_allclose(p["layer"]["kernel"], expected, rtol=1e-5)
-  np.testing.assert_array_equal(p["layer"]["norm"]["scale"], 1.0)
+  o = p["layers"]["attn"]["o"]
+  np.testing.assert_allclose(o["kernel"], expected, rtol=1e-5)
+  np.testing.assert_allclose(p["head"]["kernel"], expected, rtol=1e-5)
+  np.testing.assert_array_equal(o["norm"]["scale"], 1.0)
+  np.testing.assert_array_equal(p["other"]["kernel"], 1.0)
   np.testing.assert_array_equal(p["embed"]["embedding"], 1.0)
 
 

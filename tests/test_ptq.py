@@ -12,14 +12,14 @@ import numpy as np
 import pytest
 
 from conftest import subprocess_env
-from bitnet_jax import ptq, rotated_linear
-from bitnet_jax.layers import QuantConfig
+from bitnet_jax import ptq, rotations
+from bitnet_jax.layers import BitLinear, QuantConfig
 from bitnet_jax.model import ModelConfig, Transformer
 from np_reference import np_int4_absmax, np_rmsnorm, np_ternary, ref_fwht
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = dict(vocab_size=64, d_model=32, d_ff=64, num_heads=2, num_layers=2,
-            max_len=16, variant="b1.58")
+            seq_len=16, variant="b1.58")
 
 
 def random_orthogonal(rng, n, batch=()):
@@ -33,10 +33,10 @@ def relative_error(a, b):
 
 
 def test_hadamard_rotation_is_diag_signs_times_h():
-  signs = rotated_linear.random_signs(jax.random.PRNGKey(3), 32)
+  signs = rotations.random_signs(jax.random.PRNGKey(3), 32)
   assert set(np.unique(signs)) == {-1.0, 1.0}
   ref = np.diag(np.asarray(signs, np.float64)) @ ref_fwht(np.eye(32))
-  r = rotated_linear.hadamard_matrix(signs, 8)
+  r = rotations.hadamard_matrix(signs, 8)
   np.testing.assert_allclose(r, ref, atol=1e-6)
   np.testing.assert_allclose(np.asarray(r).T @ np.asarray(r), np.eye(32),
                              atol=1e-5)
@@ -48,8 +48,8 @@ def test_rotated_layer_matches_float64_formula(fused):
   x = rng.standard_normal((3, 5, 16)) * np.exp(rng.standard_normal(16))
   w = rng.standard_normal((16, 8)) * 0.1
   r = random_orthogonal(rng, 16)
-  layer = rotated_linear.RotatedBitLinear(
-      features=8, kernel_axes=("embed", "mlp"), kind="learned", fused=fused,
+  layer = BitLinear(
+      features=8, kernel_axes=("embed", "mlp"), rotation="learned", fused=fused,
       quant=QuantConfig(act_bits=4, int4_scale="absmax"), norm_eps=1e-5)
   stored = (r.T @ w) if fused else w
   params = {"kernel": jnp.asarray(stored, jnp.float32),
@@ -131,8 +131,8 @@ def test_spinquant_learns_and_its_run_scores(b158_run, tmp_path):
   from bitnet_jax.perplexity import perplexity
   pre = pretrained.load(b158_run)
   docs = corpus.load_corpus(pre.config.data).train
-  rows = ptq.calibration_rows(pre.tokenizer, docs, 32, pre.model_cfg.max_len)
-  assert rows.shape == (32, pre.model_cfg.max_len + 1)
+  rows = ptq.calibration_rows(pre.tokenizer, docs, 32, pre.model_cfg.seq_len)
+  assert rows.shape == (32, pre.model_cfg.seq_len + 1)
   cfg, params, info = ptq.quantize(pre, "spinquant", True, calib_rows=rows,
                                    steps=5, lr=1.5, batch=32)
   assert info["orthogonality_error"] <= 1e-4

@@ -1,7 +1,6 @@
 """End-to-end training: resume after SIGKILL, a8 -> a4, errors, dry run, multi-process."""
 import json
 import os
-import re
 import signal
 import subprocess
 import sys

@@ -25,6 +25,8 @@ import platform
 import shlex
 import sys
 
+from bitnet_jax import cli
+from bitnet_jax.errors import InputError
 from bitnet_jax.experiments import report, scoring, study
 
 
@@ -43,7 +45,7 @@ def check_settings(out: str, settings: study.Settings, data: str) -> None:
     with open(path) as f:
       before = json.load(f)
     if before != current:
-      raise ValueError(f"{out} holds a study started with other settings or "
+      raise InputError(f"{out} holds a study started with other settings or "
                        f"data ({path}); use another --out")
     return
   os.makedirs(out, exist_ok=True)
@@ -111,21 +113,16 @@ def _activation_runs(out: str, docs, settings: study.Settings) -> dict:
 
 
 def main(argv) -> None:
-  from absl import app, flags
+  from absl import flags
   f = flags.FLAGS
   del argv
-  if not f.data or not f.out:
-    raise app.UsageError("--data and --out are required")
+  cli.require("data", "out")
   settings = study.QUICK if f.quick else study.Settings()
   if f.steps:
     settings = dataclasses.replace(settings, steps=f.steps)
   command = "python -m bitnet_jax.experiments.paper_small " + " ".join(
       shlex.quote(a) for a in sys.argv[1:])
-  try:
-    done = run_study(f.data, f.out, settings, command)
-  except (ValueError, FileNotFoundError) as e:
-    print(f"error: {e}", file=sys.stderr)
-    sys.exit(1)
+  done = run_study(f.data, f.out, settings, command)
   report_path = os.path.join(f.out, "report.md")
   print(f"trained {len(done['trained'])} runs, {len(done['evaluated'])} new "
         f"evaluations; wrote {report_path}")
@@ -146,7 +143,6 @@ def define_flags() -> None:
 
 
 if __name__ == "__main__":
-  from absl import app
   define_flags()
   logging.getLogger().setLevel(logging.INFO)
-  app.run(main)
+  cli.run(main)

@@ -98,7 +98,7 @@ def score_ptq(name: str, method: str, fuse: bool, out: str, s: study.Settings,
       data = source.config.data.copy_and_resolve_references()
       train_docs = corpus.load_corpus(data).train
       rows = ptq.calibration_rows(source.tokenizer, train_docs,
-                                  s.calib_samples, source.model_cfg.max_len)
+                                  s.calib_samples, source.model_cfg.seq_len)
     cfg, params, info = ptq.quantize(
         source, method, fuse, seed=s.seed, calib_rows=rows,
         steps=s.calib_steps, lr=s.calib_lr, batch=8)

@@ -22,6 +22,7 @@ import time
 import ml_collections
 
 from bitnet_jax import defaults, rundir
+from bitnet_jax.errors import InputError, MissingInput
 
 A4_FRACTION = 0.1
 
@@ -129,12 +130,12 @@ def prepare_data(path: str, out: str, s: Settings) -> dict:
     with open(info_path) as f:
       return json.load(f)
   if not os.path.isfile(path):
-    raise FileNotFoundError(f"--data: {path} is not a file")
+    raise MissingInput(f"--data: {path} is not a file")
   with open(path, encoding="utf-8", errors="replace") as f:
     docs = split_text(f.read())
   n_valid = max(1, round(len(docs) * s.valid_fraction))
   if len(docs) - n_valid < 2:
-    raise ValueError(f"--data: {path} has {len(docs)} documents; need at "
+    raise InputError(f"--data: {path} has {len(docs)} documents; need at "
                      "least 3 to split into train and validation")
   train, valid = docs[:-n_valid], docs[-n_valid:]
   os.makedirs(data_dir, exist_ok=True)

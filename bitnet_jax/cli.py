@@ -1,0 +1,110 @@
+"""The frame of every command (`python -m bitnet_jax.<command>`).
+
+  run(main)                    absl's app.run with the one error boundary: a
+                               `bitnet_jax.errors.UserError` prints as one
+                               line `error: ...` and exits 1; any other
+                               exception is a bug and keeps its traceback.
+  define_run_flags()           --workdir (a trained run), --step, --config
+  checkpoint_step()            --step as load() takes it (None: latest)
+  define_document_flags(p)     which documents to read (--source, --split,
+                               --paths, ...), optionally under a prefix
+  documents(p)                 those flags as a `perplexity.Documents`
+
+Flags are defined only when a module runs as a program (each command calls
+its `define_flags()` under `__main__`), so library functions of every
+command can be imported side by side.
+"""
+from __future__ import annotations
+
+import sys
+from typing import Callable, Sequence
+
+from absl import app, flags
+from ml_collections import config_flags
+
+from bitnet_jax.errors import UserError
+
+FLAGS = flags.FLAGS
+SOURCES = ("heldout", "text", "jsonl", "tfds")
+
+
+def guarded(main: Callable) -> Callable:
+  """main, with UserError reported as one line and exit status 1."""
+  def run_main(argv):
+    try:
+      return main(argv)
+    except UserError as e:
+      print(f"error: {e}", file=sys.stderr)
+      sys.exit(1)
+  return run_main
+
+
+def run(main: Callable, argv: Sequence[str] | None = None,
+        flags_parser: Callable | None = None) -> None:
+  """app.run(main) inside the error boundary (absl's UsageError prints the
+  usage line, as absl does)."""
+  kwargs = {"flags_parser": flags_parser} if flags_parser else {}
+  app.run(guarded(main), argv=list(argv) if argv else None, **kwargs)
+
+
+def define_run_flags(what: str, *, config: bool = True,
+                     several: bool = False) -> None:
+  """--workdir (the run `what` reads), --step, and optionally --config."""
+  if config:
+    config_flags.DEFINE_config_file(
+        "config", None, "The run's config (default: <workdir>/config.json, "
+        "what training resolved); it must match the checkpoint's shapes.",
+        lock_config=False)
+  if several:
+    flags.DEFINE_list("workdir", None, what)
+  else:
+    flags.DEFINE_string("workdir", None, what)
+  flags.DEFINE_integer("step", -1, "Checkpoint step (-1: latest).")
+
+
+def checkpoint_step() -> int | None:
+  return None if FLAGS.step < 0 else FLAGS.step
+
+
+def require(*names: str) -> None:
+  """UsageError unless every named flag is set."""
+  missing = [n for n in names if not FLAGS[n].value]
+  if missing:
+    raise app.UsageError(" and ".join(f"--{n}" for n in missing) +
+                         (" is" if len(missing) == 1 else " are") + " required")
+
+
+def define_document_flags(prefix: str = "", *, sources=SOURCES,
+                          default_split: str = "", split_help: str = "",
+                          tfds: bool = True, max_docs: bool = True) -> None:
+  """The document selection of `perplexity.Documents`, as --<prefix>source,
+  --<prefix>split, --<prefix>paths, ..."""
+  p = prefix
+  flags.DEFINE_enum(p + "source", sources[0], list(sources),
+                    "heldout: the run's own data config; or other files / TFDS.")
+  flags.DEFINE_string(p + "split", default_split, split_help or
+                      "text/jsonl: all (default), eval or train (the run's "
+                      "hash split); heldout: eval (default) or train; tfds: "
+                      "the split name.")
+  flags.DEFINE_string(p + "paths", "", "text/jsonl files or globs.")
+  flags.DEFINE_string(p + "text_field", "text", "jsonl/tfds text field.")
+  flags.DEFINE_enum(p + "doc_split", "blank_line", ["blank_line", "file"],
+                    "text: documents split at blank lines or one per file.")
+  if tfds:
+    flags.DEFINE_string(p + "tfds_name", "", "tfds dataset name.")
+    flags.DEFINE_string(p + "tfds_data_dir", "", "tfds data_dir.")
+  if max_docs:
+    flags.DEFINE_integer(p + "max_docs", 0, "Read at most this many "
+                         "documents (0: all).")
+
+
+def documents(prefix: str = ""):
+  """The `perplexity.Documents` the document flags under `prefix` select."""
+  import dataclasses
+  from bitnet_jax.perplexity import Documents
+  values = {}
+  for field in dataclasses.fields(Documents):
+    name = prefix + field.name
+    if name in FLAGS:
+      values[field.name] = FLAGS[name].value
+  return Documents(**values)

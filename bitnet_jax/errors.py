@@ -1,0 +1,36 @@
+"""The project's user errors: what a command reports as one line.
+
+Everything a user can fix (a config field, a flag, a path, a corpus, a run
+directory, a damaged checkpoint, a diverged run) raises a `UserError`; the
+command-line frame (`bitnet_jax.cli`) prints those as `error: ...` and exits
+with status 1. Any other exception is a bug and keeps its traceback. The
+subclasses also derive from the matching built-in, so callers that catch
+ValueError or FileNotFoundError keep working.
+"""
+
+
+class UserError(Exception):
+  """Bad input or state the user can fix: reported as one line."""
+
+
+class ConfigError(UserError, ValueError):
+  """A config field or command-line flag outside what it allows."""
+
+
+class InputError(UserError, ValueError):
+  """Input data (corpus, prompts, tokenizer, files) that cannot be used."""
+
+
+class MissingInput(UserError, FileNotFoundError):
+  """A file, run directory or checkpoint that is not there."""
+
+
+class MissingField(UserError, KeyError):
+  """A record without a field the config names (e.g. data.text_field)."""
+
+  def __str__(self):  # KeyError would quote the message
+    return str(self.args[0]) if self.args else ""
+
+
+class Diverged(UserError, FloatingPointError):
+  """The loss or the parameters became non-finite."""

@@ -1,0 +1,90 @@
+"""The quantization policy: what each site of the model does, for every
+variant and ablation. The model asks here and never branches on the variant.
+
+  site        fp      b1.58    v2                 a4.8 (act_bits 8 | 4)
+  W_qkv       float   Q_x(x)   Q_x(x)             8-bit | 4-bit
+  W_o         float   Q_x(x)   Q_x(H x)           8-bit | top-K -> 8-bit
+  W_up,gate   float   Q_x(x)   Q_x(x)             8-bit | 4-bit
+  W_down      float   Q_x(x)   Q_x(H x)           8-bit | [top-K] -> 8-bit
+  Q, K/V      post-RoPE absmax at q_bits / kv_bits (off by default; BOS K/V
+              keep 8 bits); the same for every variant
+  GLU         SwiGLU; squared ReLU for a4.8
+  block norms pre-norms for fp; the BitLinear layers norm their own inputs
+
+Q_x is the INT8 (Eq. 5) or INT4 absmean (Eq. 6) quantizer of `act_bits`; all
+quantized weights are ternary absmean (Eq. 1-2). `hadamard` selects the v2
+rotation ablation (Table 5); `ptq_rotation` turns a b1.58 model into a
+post-training rotation baseline (Table 4: absmax INT4 activations, rotation
+R at every input, fused into W_o / W_down and optionally into the others);
+`quantized=False` is the float reference (same rotations, no quantizers);
+`weights` is the exported integer form.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from bitnet_jax import sites
+from bitnet_jax.layers import QuantConfig
+from bitnet_jax.model_config import ModelConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearPolicy:
+  """How one projection computes. quant None: a float Linear."""
+  quant: QuantConfig | None
+  rotation: str = "none"
+  fused: bool = True
+
+
+def linear(cfg: ModelConfig, role: str) -> LinearPolicy:
+  """The policy of projection `role` (a sites.Site name)."""
+  site = sites.BY_NAME[role]
+  if cfg.variant == "fp":
+    return LinearPolicy(quant=None)
+  block = cfg.hadamard_block_size
+  if cfg.ptq_rotation != "none":
+    quant = (QuantConfig(act_bits=cfg.act_bits, int4_scale="absmax",
+                         hadamard_block_size=block) if cfg.quantized else
+             QuantConfig.off())
+    # Table 4: only W_qkv and W_up,gate may give up the fusion.
+    return LinearPolicy(quant, cfg.ptq_rotation,
+                        fused=cfg.ptq_fused or site.intermediate)
+  rotation = hadamard_rotation(cfg, role)
+  if not cfg.quantized:
+    return LinearPolicy(QuantConfig.off(), rotation)
+  bits, topk = cfg.act_bits, None
+  if cfg.variant == "a4.8" and cfg.act_bits == 4 and site.intermediate:
+    # sparsified 8-bit intermediate states
+    bits = 8
+    topk = (cfg.topk_ratio_o if role == "o" else cfg.topk_ratio_down) or None
+  return LinearPolicy(QuantConfig(act_bits=bits, topk_ratio=topk,
+                                  hadamard_block_size=block,
+                                  weights=cfg.weights), rotation)
+
+
+def hadamard_rotation(cfg: ModelConfig, role: str) -> str:
+  """The H-BitLinear rotation of a projection: W_o and W_down of v2."""
+  if cfg.variant == "v2" and sites.BY_NAME[role].intermediate:
+    return cfg.hadamard
+  return "none"
+
+
+def query_bits(cfg: ModelConfig) -> int | None:
+  """Bits of the post-RoPE queries (Tables 2-3); None: float."""
+  return cfg.q_bits or None
+
+
+def kv_bits(cfg: ModelConfig) -> int | None:
+  """Bits of the post-RoPE keys and values (and the KV cache); None: float."""
+  return cfg.kv_bits or None
+
+
+def glu_activation(cfg: ModelConfig) -> str:
+  """'relu2' (squared ReLU, BitNet a4.8) or 'swiglu'."""
+  return "relu2" if cfg.variant == "a4.8" else "swiglu"
+
+
+def block_pre_norms(cfg: ModelConfig) -> bool:
+  """Pre-norms in each block: only the float baseline (a BitLinear normalises
+  its own input)."""
+  return cfg.variant == "fp"
