@@ -92,7 +92,9 @@ def bench_quant(rounds: int, small: bool) -> list[tuple[str, str, float, float]]
 
 def _train_steps(small: bool):
   """Jitted tiny-config train steps of each variant on one fixed batch."""
-  from bitnet_jax import defaults, optimizer, train_step
+  from bitnet_jax import defaults
+  from bitnet_jax.training import optimizer
+  from bitnet_jax.training import train_step
   from bitnet_jax.model import ModelConfig, Transformer
   config = defaults.tiny_config()
   if small:
@@ -124,7 +126,10 @@ def bench_train(rounds: int, small: bool):
 
 def bench_data(rounds: int, small: bool):
   """Pipeline tokens/s on the embedded corpus vs the tiny v2 trainer's."""
-  from bitnet_jax import corpus, data, defaults, tokenizer
+  from bitnet_jax import defaults
+  from bitnet_jax.data import corpus
+  from bitnet_jax.data import pipeline as data
+  from bitnet_jax.data import tokenizer
   config = defaults.tiny_config()
   split = corpus.load_corpus(config.data)
   tok = tokenizer.train_tokenizer(split.train[::4][:1000], config.model.vocab_size)
@@ -146,7 +151,7 @@ def _decode_models(small: bool):
   exported as int8 codes and as packed codes, and the fp model of the same
   size with bf16 weights."""
   import flax.linen as nn
-  from bitnet_jax import export
+  from bitnet_jax.inference import exported as export
   from bitnet_jax.model import ModelConfig, Transformer
   dims = (dict(d_model=128, d_ff=384, num_heads=2, num_layers=2) if small else
           dict(d_model=1024, d_ff=3072, num_heads=8, num_layers=4))

@@ -101,7 +101,7 @@ def define_document_flags(prefix: str = "", *, sources=SOURCES,
 def documents(prefix: str = ""):
   """The `perplexity.Documents` the document flags under `prefix` select."""
   import dataclasses
-  from bitnet_jax.perplexity import Documents
+  from bitnet_jax.evaluation.perplexity import Documents
   values = {}
   for field in dataclasses.fields(Documents):
     name = prefix + field.name

@@ -109,7 +109,7 @@ def base_config() -> ml_collections.ConfigDict:
   mesh.data = -1                   # data-parallel axis size; -1 = fill
   mesh.fsdp = 1                    # parameter-sharding (ZeRO-3) axis size
   mesh.tensor = 1                  # tensor-parallel axis size
-  # logical axis -> mesh axes (see bitnet_jax/sharding.py); unlisted names
+  # logical axis -> mesh axes (see bitnet_jax/scale/sharding.py); unlisted names
   # (layers, head_dim, activation_embed, activation_length) are replicated
   mesh.rules = (
       ("activation_batch", ("data", "fsdp")),

@@ -35,7 +35,7 @@ from etils import epath
 
 from bitnet_jax import cli
 from bitnet_jax import rundir
-from bitnet_jax.perplexity import corpus_documents, perplexity
+from bitnet_jax.evaluation.perplexity import corpus_documents, perplexity
 
 FLAGS = flags.FLAGS
 
@@ -72,12 +72,12 @@ def write_json(result: dict, path) -> None:
 def main(argv):
   del argv
   cli.require("workdir")
-  from bitnet_jax import pretrained
+  from bitnet_jax.inference import pretrained
   pre = pretrained.load(FLAGS.workdir, step=cli.checkpoint_step(),
                         config=FLAGS.config, **overrides_from_flags(FLAGS))
   tag = "_".join(f"{k}{v}" for k, v in overrides_from_flags(FLAGS).items())
   if FLAGS.tasks:
-    from bitnet_jax import harness
+    from bitnet_jax.evaluation import harness
     result = harness.run_tasks(pre, FLAGS.tasks, num_fewshot=FLAGS.num_fewshot,
                                limit=FLAGS.limit or None,
                                include_path=FLAGS.include_path or None,

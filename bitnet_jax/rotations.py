@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax import hadamard
-from bitnet_jax import sharding
+from bitnet_jax.scale import sharding
 
 HADAMARD_KINDS = ("activation", "weight_and_activation")
 PTQ_KINDS = ("random_hadamard", "learned")

@@ -9,7 +9,7 @@ Flags:
   --dry_run               compile the train step from abstract shapes (nothing
                           allocated) and report per chip: memory, FLOPs,
                           collectives, a roofline estimate of step time and
-                          MFU (see bitnet_jax/dry_run.py); then exit
+                          MFU (see bitnet_jax/scale/dry_run.py); then exit
   --topology=NAME         with --dry_run: compile for a TPU slice described by
                           libtpu (v5p:4x4x4, v5e:16x16, v6e:8x8, ...; no TPU
                           needed) or for N host CPU devices (cpu:N)
@@ -91,10 +91,10 @@ def main(argv):
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_force_host_platform_device_count="
                                + FLAGS.topology[4:]).strip()
-  from bitnet_jax import sharding
+  from bitnet_jax.scale import sharding
   sharding.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address,
                                   FLAGS.num_processes, FLAGS.process_id)
-  from bitnet_jax import trainer  # imports jax-heavy modules after init
+  from bitnet_jax.training import trainer  # jax-heavy modules after init
   if FLAGS.dry_run:
     trainer.dry_run(config, FLAGS.topology, FLAGS.dry_run_json)
     return

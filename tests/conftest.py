@@ -103,7 +103,7 @@ def documents():
 
 @pytest.fixture(scope="session")
 def small_tokenizer(documents):
-  from bitnet_jax.tokenizer import train_tokenizer
+  from bitnet_jax.data.tokenizer import train_tokenizer
   return train_tokenizer(documents, vocab_size=400, num_threads=1)
 
 
@@ -141,7 +141,7 @@ def corpus_file(tmp_path_factory):
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, corpus_file):
   """A small v2 (a8) run trained for 24 steps; returns its workdir."""
-  from bitnet_jax import trainer
+  from bitnet_jax.training import trainer
   workdir = str(tmp_path_factory.mktemp("run") / "v2")
   trainer.train(small_run_config(corpus_file, **{"train.stop_step": 24}), workdir)
   return workdir
@@ -150,7 +150,7 @@ def trained_run(tmp_path_factory, corpus_file):
 @pytest.fixture(scope="session")
 def b158_run(tmp_path_factory, corpus_file):
   """A small BitNet b1.58 (a8) run trained for 10 steps; returns its workdir."""
-  from bitnet_jax import trainer
+  from bitnet_jax.training import trainer
   workdir = str(tmp_path_factory.mktemp("run") / "b158")
   trainer.train(small_run_config(corpus_file, **{
       "model.variant": "b1.58", "train.stop_step": 10}), workdir)

@@ -12,7 +12,9 @@ import pytest
 from PIL import Image
 
 from conftest import small_run_config, subprocess_env
-from bitnet_jax import activation_stats, analyze, hadamard
+from bitnet_jax import hadamard
+from bitnet_jax.evaluation import activation_stats
+from bitnet_jax.evaluation import activation_report as analyze
 from bitnet_jax.model import ModelConfig, Transformer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -162,7 +164,7 @@ def read_events(directory):
 
 
 def test_training_logs_activation_summaries(tmp_path, corpus_file):
-  from bitnet_jax import trainer
+  from bitnet_jax.training import trainer
   workdir = str(tmp_path / "run")
   trainer.train(small_run_config(corpus_file, **{
       "train.stop_step": 10, "train.analysis_every": 5}), workdir)

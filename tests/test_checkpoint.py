@@ -6,8 +6,10 @@ import jax
 import numpy as np
 import pytest
 
-from bitnet_jax import checkpoint as ckpt_lib
-from bitnet_jax import data, defaults, trainer
+from bitnet_jax.training import checkpoint as ckpt_lib
+from bitnet_jax import defaults
+from bitnet_jax.data import pipeline as data
+from bitnet_jax.training import trainer
 
 from test_sharding import small_config
 

@@ -4,7 +4,8 @@ import logging
 
 import pytest
 
-from bitnet_jax import corpus, defaults
+from bitnet_jax import defaults
+from bitnet_jax.data import corpus
 
 
 def data_cfg(**kw):

@@ -10,7 +10,8 @@ import time
 import numpy as np
 import pytest
 
-from bitnet_jax import data, defaults
+from bitnet_jax import defaults
+from bitnet_jax.data import pipeline as data
 
 SEQ = 31  # rows of 32 tokens
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -136,7 +137,9 @@ def test_restore_is_exact(documents, small_tokenizer, packing, prefetch, rows, k
 
 SCRIPT = textwrap.dedent("""
     import json, sys, numpy as np
-    from bitnet_jax import data, defaults, tokenizer
+    from bitnet_jax import defaults
+    from bitnet_jax.data import pipeline as data
+    from bitnet_jax.data import tokenizer
     mode, corpus_file, tok_file, state_file, out_file = sys.argv[1:]
     docs = json.load(open(corpus_file))
     tok = tokenizer.Tokenizer.load(tok_file)

@@ -3,7 +3,10 @@
 communicates."""
 import pytest
 
-from bitnet_jax import chips, dry_run, fit_table, hlo_stats
+from bitnet_jax.scale import chips
+from bitnet_jax.scale import dry_run
+from bitnet_jax.scale import fit_table
+from bitnet_jax.scale import hlo_stats
 
 
 def test_cpu_topology_report_and_errors():

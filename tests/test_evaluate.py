@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from conftest import subprocess_env
-from bitnet_jax import perplexity, pretrained
+from bitnet_jax.evaluation import perplexity
+from bitnet_jax.inference import pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -117,7 +118,7 @@ def test_a_file_given_by_path_is_scored_whole(trained_run, corpus_file):
 
 
 def test_a_truncated_checkpoint_is_one_line_naming_it(trained_run, tmp_path):
-  from bitnet_jax.checkpoint import CheckpointError
+  from bitnet_jax.training.checkpoint import CheckpointError
   from test_checkpoint import damage
   run = tmp_path / "run"
   shutil.copytree(trained_run, run)

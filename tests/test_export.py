@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import subprocess_env
-from bitnet_jax import export, packing, pretrained
+from bitnet_jax import packing
+from bitnet_jax.inference import exported as export
+from bitnet_jax.inference import pretrained
 from bitnet_jax.layers import BitLinear, QuantConfig, integer_matmul
 from bitnet_jax.model import ModelConfig, Transformer
 
@@ -174,7 +176,7 @@ def test_export_files_and_sizes(trained_run, exported_dir):
 
 
 def test_loaded_packed_model_matches_training_forward(trained_run, exported_dir):
-  from bitnet_jax import generate
+  from bitnet_jax.inference import generation as generate
   pre = pretrained.load(trained_run)
   model = generate.load(exported_dir)
   assert model.model_cfg.weights == "packed"
@@ -191,7 +193,7 @@ def test_loaded_packed_model_matches_training_forward(trained_run, exported_dir)
 
 
 def test_bad_model_directories(exported_dir, tmp_path):
-  from bitnet_jax import generate
+  from bitnet_jax.inference import generation as generate
   with pytest.raises(FileNotFoundError, match="no config.json|no model.safetensors"):
     generate.load(str(tmp_path))
   broken = tmp_path / "broken"

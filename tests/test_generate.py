@@ -3,7 +3,8 @@ import jax
 import numpy as np
 import pytest
 
-from bitnet_jax import generate, pretrained
+from bitnet_jax.inference import generation as generate
+from bitnet_jax.inference import pretrained
 from bitnet_jax.model import ModelConfig
 
 PROMPTS = ["The good", "the state of the world", "It"]

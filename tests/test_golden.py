@@ -18,7 +18,7 @@ import pytest
 
 from bitnet_jax import defaults
 from bitnet_jax.model import ModelConfig, Transformer
-from bitnet_jax import train_step as step_lib
+from bitnet_jax.training import train_step as step_lib
 
 import golden_one_step as golden
 

@@ -7,8 +7,9 @@ import pytest
 
 lm_eval = pytest.importorskip("lm_eval")
 
-from bitnet_jax import generate, harness, pretrained  # noqa: E402
-from bitnet_jax import perplexity  # noqa: E402
+from bitnet_jax.evaluation import harness, perplexity  # noqa: E402
+from bitnet_jax.inference import generation as generate  # noqa: E402
+from bitnet_jax.inference import pretrained  # noqa: E402
 
 QUESTIONS = [  # (context, choices, label); contexts end without a space
     ("The good life of the", [" world", " state", " people"], 0),

@@ -5,8 +5,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_jax import defaults, hlo_stats
-from bitnet_jax import dry_run
+from bitnet_jax import defaults
+from bitnet_jax.scale import hlo_stats
+from bitnet_jax.scale import dry_run
 
 
 def compile_text(fn, *shapes):

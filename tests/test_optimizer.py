@@ -7,7 +7,8 @@ import numpy as np
 import optax
 import pytest
 
-from bitnet_jax import defaults, optimizer
+from bitnet_jax import defaults
+from bitnet_jax.training import optimizer
 
 
 def opt_cfg(**kw):

@@ -12,7 +12,8 @@ import numpy as np
 import pytest
 
 from conftest import subprocess_env
-from bitnet_jax import ptq, rotations
+from bitnet_jax import rotations
+from bitnet_jax.baselines import rotation_ptq as ptq
 from bitnet_jax.layers import BitLinear, QuantConfig
 from bitnet_jax.model import ModelConfig, Transformer
 from np_reference import np_int4_absmax, np_rmsnorm, np_ternary, ref_fwht
@@ -127,8 +128,9 @@ def test_ptq_refuses_non_b158_runs():
 
 @pytest.mark.slow
 def test_spinquant_learns_and_its_run_scores(b158_run, tmp_path):
-  from bitnet_jax import corpus, pretrained
-  from bitnet_jax.perplexity import perplexity
+  from bitnet_jax.data import corpus
+  from bitnet_jax.inference import pretrained
+  from bitnet_jax.evaluation.perplexity import perplexity
   pre = pretrained.load(b158_run)
   docs = corpus.load_corpus(pre.config.data).train
   rows = ptq.calibration_rows(pre.tokenizer, docs, 32, pre.model_cfg.seq_len)
@@ -159,8 +161,9 @@ def test_quarot_cli_end_to_end(b158_run, trained_run, tmp_path):
   env = subprocess_env()
   done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)
   assert done.returncode == 0, done.stderr[-2000:]
-  from bitnet_jax import corpus, pretrained
-  from bitnet_jax.perplexity import perplexity
+  from bitnet_jax.data import corpus
+  from bitnet_jax.inference import pretrained
+  from bitnet_jax.evaluation.perplexity import perplexity
   loaded = pretrained.load(out)
   assert loaded.model_cfg.ptq_rotation == "random_hadamard"
   assert not loaded.model_cfg.ptq_fused

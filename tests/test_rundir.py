@@ -5,7 +5,8 @@ import os
 
 import pytest
 
-from bitnet_jax import pretrained, rundir
+from bitnet_jax import rundir
+from bitnet_jax.inference import pretrained
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

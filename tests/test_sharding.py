@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from bitnet_jax import defaults, sharding, trainer
+from bitnet_jax import defaults
+from bitnet_jax.scale import sharding
+from bitnet_jax.training import trainer
 
 
 def test_mesh_shapes_and_errors():
@@ -159,7 +161,7 @@ def program_config(mesh, microbatches, batch=64):
 
 
 def compiled_program(config):
-  from bitnet_jax import dry_run
+  from bitnet_jax.scale import dry_run
   setup, compiled, _ = dry_run.compile_step(config, jax.devices())
   return setup, compiled
 
@@ -171,7 +173,7 @@ def test_compiled_activations_are_batch_sharded(mesh, microbatches):
   scanned layers, FFN, logits; forward and backward) holds global batch /
   (data x fsdp) / microbatches rows per device. This fails whenever the
   activation constraints are no-ops (e.g. no mesh in context)."""
-  from bitnet_jax import hlo_stats
+  from bitnet_jax.scale import hlo_stats
   setup, compiled = compiled_program(program_config(mesh, microbatches))
   text = compiled.as_text()
   data, fsdp, tensor = mesh
@@ -194,7 +196,7 @@ def test_fsdp_needs_no_more_memory_than_data_parallel():
   """The issue's case: the 400M shape at 2 layers and 64 sequences on 8
   devices. Before the mesh context was fixed, fsdp took 68.97 GiB per device
   (every activation replicated), data parallelism 10.20 GiB."""
-  from bitnet_jax import dry_run
+  from bitnet_jax.scale import dry_run
   import importlib.util
   spec = importlib.util.spec_from_file_location(
       "c", "configs/bitnet_v2_400m.py")
@@ -216,7 +218,7 @@ def test_tensor_parallel_hadamard_moves_no_activation_gather():
   Hadamard mixes. The distributed FWHT (two small all-to-alls) keeps v2's
   communication at b1.58's; gathering the activation instead cost 1.77x
   (d 512, d_ff 1024, mesh data 2 x tensor 4)."""
-  from bitnet_jax import hlo_stats
+  from bitnet_jax.scale import hlo_stats
   payload = {}
   for variant in ("b1.58", "v2"):
     c = small_config((2, 1, 4), variant=variant)

@@ -5,7 +5,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from bitnet_jax import optimizer, sites
+from bitnet_jax import sites
+from bitnet_jax.training import optimizer
 from bitnet_jax.model import ModelConfig, Transformer, param_shapes
 
 

@@ -4,7 +4,10 @@ import os
 
 import pytest
 
-from bitnet_jax import corpus, data, defaults, tfds_corpus
+from bitnet_jax import defaults
+from bitnet_jax.data import corpus
+from bitnet_jax.data import pipeline as data
+from bitnet_jax.data import tfds_corpus
 
 
 @pytest.fixture(scope="module")

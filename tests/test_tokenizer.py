@@ -6,7 +6,7 @@ import pytest
 import sentencepiece as spm
 
 from bitnet_jax import rundir
-from bitnet_jax import tokenizer as tk
+from bitnet_jax.data import tokenizer as tk
 
 
 TEXTS = [

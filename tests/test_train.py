@@ -15,8 +15,9 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from bitnet_jax import checkpoint as ckpt_lib
-from bitnet_jax import optimizer, trainer
+from bitnet_jax.training import checkpoint as ckpt_lib
+from bitnet_jax.training import optimizer
+from bitnet_jax.training import trainer
 from bitnet_jax.model import ModelConfig, Transformer
 
 from conftest import SMALL, small_run_config, subprocess_env
@@ -145,7 +146,7 @@ def test_a4_switch_in_one_run(tmp_path, corpus_file):
   recs = losses(str(tmp_path))
   assert [recs[s]["act_bits"] for s in range(10, 17)] == [8, 8, 8, 4, 4, 4, 4]
   # evaluation, analysis and export load it with the bits each step used
-  from bitnet_jax import pretrained
+  from bitnet_jax.inference import pretrained
   assert pretrained.load(str(tmp_path)).model_cfg.act_bits == 4
   assert pretrained.load(str(tmp_path), step=10).model_cfg.act_bits == 8
   assert pretrained.load(str(tmp_path), step=16, act_bits=8).model_cfg.act_bits == 8

@@ -8,7 +8,8 @@ import time
 
 import pytest
 
-from bitnet_jax import trainer, workdir_lock
+from bitnet_jax.training import trainer
+from bitnet_jax.training import workdir_lock
 
 from conftest import small_run_config
 

@@ -101,7 +101,7 @@ def run_study(data: str, out: str, settings: study.Settings,
 def _activation_runs(out: str, docs, settings: study.Settings) -> dict:
   """Raw statistics of the last layer's W_o / W_down inputs of b1.58 (a8)
   and v2 (a8), for the histogram figures."""
-  from bitnet_jax import pretrained
+  from bitnet_jax.inference import pretrained
   last = f"layer{settings.num_layers - 1}/"
   runs = {}
   for name, label in (("b1.58_a8", "BitNet b1.58 a8"), ("v2_a8", "BitNet v2 a8")):

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 import os
 
-from bitnet_jax import readme_sync
+from bitnet_jax.experiments import readme_sync
 from bitnet_jax.experiments import study
 
 TABLE1 = (("fp", "LLaMA (fp)", "16 / 16"),
@@ -165,7 +165,7 @@ def write_figures(r: dict, out: str, fig_dir: str, activation_runs) -> list[str]
     plt.close(fig)
     written.append(path)
   if activation_runs:
-    from bitnet_jax.analyze import write_figures as histograms
+    from bitnet_jax.evaluation.activation_report import write_figures as histograms
     written += histograms(fig_dir, activation_runs)
   return written
 

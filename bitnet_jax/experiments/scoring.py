@@ -32,7 +32,7 @@ def cached(out: str, key: str, compute) -> dict:
 
 
 def valid_perplexity(pre, docs: list[str]) -> dict:
-  from bitnet_jax.perplexity import perplexity
+  from bitnet_jax.evaluation.perplexity import perplexity
   r = perplexity(pre, docs, batch_size=16)
   return {"ppl": r["ppl"] if math.isfinite(r["nll"]) else math.nan,
           "nll": r["nll"], "tokens": r["tokens"]}
@@ -43,8 +43,8 @@ def layer_stats(pre, docs: list[str], num_seqs: int) -> dict:
   host) of the run on num_seqs held-out rows."""
   import jax
   import jax.numpy as jnp
-  from bitnet_jax.activation_stats import make_summarizer
-  from bitnet_jax.analyze import text_batch
+  from bitnet_jax.evaluation.activation_stats import make_summarizer
+  from bitnet_jax.evaluation.activation_report import text_batch
   tokens = text_batch(pre, docs, num_seqs)
   return jax.device_get(make_summarizer(pre.model, pre.tokenizer.bos_id)(
       pre.params, jnp.asarray(tokens)))
@@ -65,7 +65,7 @@ def kurtosis(pre, docs: list[str], s: study.Settings) -> dict:
 
 
 def score_run(run: study.Run, out: str, s: study.Settings, docs) -> dict:
-  from bitnet_jax import pretrained
+  from bitnet_jax.inference import pretrained
   workdir = os.path.join(out, "runs", run.name)
 
   def compute():
@@ -80,7 +80,7 @@ def score_run(run: study.Run, out: str, s: study.Settings, docs) -> dict:
 
 def score_attention(run: study.Run, out: str, overrides: dict, docs) -> dict:
   """Tables 2-3: the run evaluated with low-bit Q/K/V states."""
-  from bitnet_jax import pretrained
+  from bitnet_jax.inference import pretrained
   key = run.name + "_" + "_".join(f"{k}{v}" for k, v in sorted(overrides.items()))
   return cached(out, key, lambda: valid_perplexity(
       pretrained.load(os.path.join(out, "runs", run.name), **overrides), docs))
@@ -89,7 +89,9 @@ def score_attention(run: study.Run, out: str, overrides: dict, docs) -> dict:
 def score_ptq(name: str, method: str, fuse: bool, out: str, s: study.Settings,
               docs) -> dict:
   """Table 4: a post-training baseline of the b1.58 (a8) run."""
-  from bitnet_jax import corpus, ptq, pretrained
+  from bitnet_jax.data import corpus
+  from bitnet_jax.baselines import rotation_ptq as ptq
+  from bitnet_jax.inference import pretrained
 
   def compute():
     source = pretrained.load(os.path.join(out, "runs", "b1.58_a8"))

@@ -3,7 +3,7 @@
 Turns your own files into a TFDS dataset that the `tfds` data source reads
 with `tfds.data_source`, exactly like a prepared public corpus:
 
-  python -m bitnet_jax.tfds_corpus --paths='corpus/*.txt' --data_dir=/data/tfds \
+  python -m bitnet_jax.data.tfds_corpus --paths='corpus/*.txt' --data_dir=/data/tfds \
       --name=mycorpus [--doc_split=blank_line] [--eval_fraction=0.01]
 
 then train with
@@ -19,7 +19,8 @@ from absl import flags
 import ml_collections
 import tensorflow_datasets as tfds
 
-from bitnet_jax import cli, corpus
+from bitnet_jax import cli
+from bitnet_jax.data import corpus
 
 
 class LocalTextCorpus(tfds.core.GeneratorBasedBuilder):

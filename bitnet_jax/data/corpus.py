@@ -7,7 +7,7 @@
   jsonl   JSON-lines files or globs; one document per line, in `text_field`.
   tfds    any TFDS dataset readable by `tfds.data_source` (array_record, no
           TensorFlow needed), e.g. c4/en:3.1.0 in a bucket, or a local corpus
-          built with `python -m bitnet_jax.tfds_corpus`.
+          built with `python -m bitnet_jax.data.tfds_corpus`.
 
 Local sources are read into memory (for corpora larger than RAM, build a TFDS
 dataset). Bytes that are not UTF-8 are decoded with U+FFFD replacement and a

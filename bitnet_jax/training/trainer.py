@@ -22,18 +22,18 @@ import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 
-from bitnet_jax import activation_stats
-from bitnet_jax import checkpoint as ckpt_lib
-from bitnet_jax import corpus as corpus_lib
-from bitnet_jax import data as data_lib
+from bitnet_jax.evaluation import activation_stats
+from bitnet_jax.training import checkpoint as ckpt_lib
+from bitnet_jax.data import corpus as corpus_lib
+from bitnet_jax.data import pipeline as data_lib
 from bitnet_jax import defaults
-from bitnet_jax import metrics as metrics_lib
-from bitnet_jax import optimizer as optimizer_lib
+from bitnet_jax.training import metrics as metrics_lib
+from bitnet_jax.training import optimizer as optimizer_lib
 from bitnet_jax import rundir
-from bitnet_jax import sharding
-from bitnet_jax import tokenizer as tokenizer_lib
-from bitnet_jax import train_step as step_lib
-from bitnet_jax import workdir_lock
+from bitnet_jax.scale import sharding
+from bitnet_jax.data import tokenizer as tokenizer_lib
+from bitnet_jax.training import train_step as step_lib
+from bitnet_jax.training import workdir_lock
 from bitnet_jax.errors import ConfigError, MissingInput, UserError
 from bitnet_jax.model import ModelConfig, Transformer, count_params
 
@@ -141,7 +141,7 @@ def abstract_batch(config, mesh):
 def dry_run(config, topology: str = "", json_path: str = "") -> dict:
   """Compile the train step from shapes for `topology` (see dry_run.py),
   print the per-chip report; a step that does not fit is an error."""
-  from bitnet_jax import dry_run as dry_run_lib
+  from bitnet_jax.scale import dry_run as dry_run_lib
   try:
     report = dry_run_lib.report(config, topology)
   except MemoryError as e:

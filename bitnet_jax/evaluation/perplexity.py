@@ -113,7 +113,7 @@ class Documents:
 
 def corpus_documents(pre, select: Documents) -> tuple[list[str], str]:
   """(documents, description) of `select`, read with the run's data config."""
-  from bitnet_jax import corpus
+  from bitnet_jax.data import corpus
   data = pre.config.data.copy_and_resolve_references()
   if select.source != "heldout":
     data.source = select.source

@@ -17,8 +17,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bitnet_jax import chips
-from bitnet_jax import optimizer as optimizer_lib
+from bitnet_jax.scale import chips
+from bitnet_jax.training import optimizer as optimizer_lib
 from bitnet_jax.model import ModelConfig, Transformer, count_params
 
 

@@ -58,7 +58,7 @@ class MetricWriter:
     and each histogram as a TensorBoard histogram activations/<key>."""
     if not self.enabled:
       return
-    from bitnet_jax.activation_stats import SCALARS
+    from bitnet_jax.evaluation.activation_stats import SCALARS
     scalars = {}
     for key, s in stats.items():
       scalars.update({f"activations/{key}/{k}": s[k] for k in SCALARS})

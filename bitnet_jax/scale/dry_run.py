@@ -31,8 +31,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bitnet_jax import chips as chips_lib
-from bitnet_jax import hlo_stats
+from bitnet_jax.scale import chips as chips_lib
+from bitnet_jax.scale import hlo_stats
 from bitnet_jax.errors import ConfigError
 from bitnet_jax.model import count_params
 
@@ -147,7 +147,7 @@ def roofline(stats: hlo_stats.ProgramStats, chip: chips_lib.Chip) -> dict:
 
 def compile_step(config, devices):
   """(setup, compiled train step, seconds to compile) for `devices`."""
-  from bitnet_jax import trainer
+  from bitnet_jax.training import trainer
   setup = trainer.build(config, devices)
   bits = setup.model_cfg.act_bits
   start = time.time()

@@ -35,7 +35,7 @@ import grain.experimental as grain_exp
 import numpy as np
 
 from bitnet_jax.errors import ConfigError, InputError
-from bitnet_jax.tokenizer import Tokenizer
+from bitnet_jax.data.tokenizer import Tokenizer
 
 PACKINGS = ("concat", "first_fit")
 

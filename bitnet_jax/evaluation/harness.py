@@ -2,7 +2,7 @@
 
 Registered as `bitnet_jax`, so the harness's own CLI works too:
   lm_eval --model bitnet_jax --model_args workdir=RUN,batch_size=16 --tasks arc_easy
-(import bitnet_jax.harness first, e.g. with `python -m bitnet_jax.evaluate
+(import bitnet_jax.evaluation.harness first, e.g. with `python -m bitnet_jax.evaluate
 --tasks=...`, which calls `run_tasks`).
 
 Scoring is batched and jitted (`Pretrained.scorer`); rows are padded to
@@ -17,8 +17,8 @@ import numpy as np
 from lm_eval.api.model import LM
 from lm_eval.api.registry import register_model
 
-from bitnet_jax import perplexity as perplexity_lib
-from bitnet_jax import generate as generate_lib
+from bitnet_jax.evaluation import perplexity as perplexity_lib
+from bitnet_jax.inference import generation as generate_lib
 from bitnet_jax.errors import ConfigError
 
 
@@ -38,7 +38,7 @@ class BitNetLM(LM):
                pretrained=None, **overrides):
     super().__init__()
     if pretrained is None:
-      from bitnet_jax import pretrained as pretrained_lib
+      from bitnet_jax.inference import pretrained as pretrained_lib
       pretrained = pretrained_lib.load(workdir, step=step, **{
           k: int(v) for k, v in overrides.items() if v})
     self.pre = pretrained

@@ -1,4 +1,4 @@
-"""`python -m bitnet_jax.fit_table`: which paper config fits which TPU slice.
+"""`python -m bitnet_jax.scale.fit_table`: which paper config fits which TPU slice.
 
 For each paper config (configs/bitnet_v2_{400m,1p3b,3b,7b}.py, the paper's
 512 x 2048 batch) and each slice, compiles the real train step for the slice
@@ -8,7 +8,7 @@ needed and the roofline MFU estimate. Each result is cached as JSON in
 --cache_dir, so an interrupted run resumes; the table is written to --out
 and, with --readme, copied between the README's fit-table markers.
 
-  python -m bitnet_jax.fit_table --topologies=v5p:4x4x4,v5e:16x16 \
+  python -m bitnet_jax.scale.fit_table --topologies=v5p:4x4x4,v5e:16x16 \
       --out=docs/fit_table.md --readme=README.md
 """
 from __future__ import annotations
@@ -19,7 +19,8 @@ import sys
 
 from absl import flags
 
-from bitnet_jax import cli, readme_sync
+from bitnet_jax import cli
+from bitnet_jax.experiments import readme_sync
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("configs", ["400m", "1p3b", "3b", "7b"], "Paper sizes.")
@@ -35,7 +36,7 @@ BEGIN, END = "<!-- fit-table:begin -->", "<!-- fit-table:end -->"
 
 def load_config(size: str):
   import importlib.util
-  path = os.path.join(os.path.dirname(__file__), "..", "configs",
+  path = os.path.join(os.path.dirname(__file__), "..", "..", "configs",
                       f"bitnet_v2_{size}.py")
   spec = importlib.util.spec_from_file_location(f"bitnet_v2_{size}", path)
   module = importlib.util.module_from_spec(spec)
@@ -45,7 +46,7 @@ def load_config(size: str):
 
 def fit(size: str, topology: str, max_microbatches: int) -> dict:
   """The smallest power-of-two microbatch count that fits, with its report."""
-  from bitnet_jax import dry_run
+  from bitnet_jax.scale import dry_run
   devices, _ = dry_run.topology_devices(topology)
   k, last = 1, None
   while k <= max_microbatches:

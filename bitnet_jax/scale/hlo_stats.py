@@ -30,7 +30,7 @@ from typing import Iterable
 
 import numpy as np
 
-from bitnet_jax.hlo_text import (ARRAY_RE, COLLECTIVES, DTYPE_BYTES, FREE_OPS,
+from bitnet_jax.scale.hlo_text import (ARRAY_RE, COLLECTIVES, DTYPE_BYTES, FREE_OPS,
                                  NAME_RE, Instruction, arrays, group_size,
                                  parse, shape_bytes)
 

@@ -1,0 +1,1 @@
+"""Training data: document sources, tokenizers, the grain pipeline."""

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity, lm-evaluation-harness tasks, activation statistics."""

@@ -1,0 +1,1 @@
+"""Inference: loading a trained run, exported integer weights, generation."""

@@ -1,0 +1,1 @@
+"""Scale: device meshes and shardings, accelerator facts, compiled-program analysis, dry runs."""

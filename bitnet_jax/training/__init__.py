@@ -1,0 +1,1 @@
+"""The training run: step functions, optimizer schedules, checkpoints, metrics, the loop."""
