@@ -55,6 +55,8 @@ def base_config() -> ml_collections.ConfigDict:
   m.remat = "none"                 # none | full | dots (rematerialisation)
   m.tie_embeddings = False         # share embedding and output head
   m.attention_impl = ""            # "" (backend default) | xla | cudnn
+  m.activation = ""                # GLU: "" = the variant's (relu2 for a4.8,
+                                   # else swiglu) | swiglu | relu2 (squared ReLU)
 
   q = c.quant = ml_collections.ConfigDict()
   q.act_bits = 8                   # 8 (absmax INT8) | 4 (absmean INT4)
@@ -67,6 +69,8 @@ def base_config() -> ml_collections.ConfigDict:
   q.kv_bits = 0                    # post-RoPE key/value bits; 0 = off
   q.ptq_rotation = "none"          # set by `bitnet_jax.ptq`: none | random_hadamard | learned
   q.ptq_fused = True               # ptq: rotation fused into W_qkv, W_up,gate too
+  q.weight_scale = "projection"    # ternary absmean per projection (q, k, v, up,
+                                   # gate each its own) | tensor (one per fused kernel)
   q.weights = "latent"             # latent (training) | int8 | packed (exported codes)
   q.quantized = True               # False: float weights and activations (reference)
 

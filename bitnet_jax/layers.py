@@ -149,6 +149,7 @@ class BitLinear(nn.Module):
   quant: QuantConfig = QuantConfig()
   rotation: str = "none"
   fused: bool = True
+  scale_groups: tuple | None = None   # quant.ScaleGroups: per-projection alpha
   use_norm: bool = True
   norm_eps: float = 1e-6
   dtype: Any = jnp.float32
@@ -182,6 +183,7 @@ class BitLinear(nn.Module):
       w_codes, w_scale = weights
       x_codes, x_scale = quantizers.activation_codes(x, cfg.act_bits)
       acc = integer_matmul(x_codes, w_codes)
+      w_scale = self._output_scale(w_scale, acc.ndim, w_codes.ndim)
       x_scale = x_scale.reshape(*x_scale.shape[:-1],
                                 *([1] * (acc.ndim - x_scale.ndim + 1)))
       return (acc.astype(jnp.float32) * (x_scale * w_scale)).astype(self.dtype)
@@ -195,8 +197,18 @@ class BitLinear(nn.Module):
     if self.rotation == "weight_and_activation":
       w = rotations.rotate_input_axis(w, block)
     if cfg.ternary_weights:
-      w = quantizers.quantize_weights_ternary(w)
+      w = quantizers.quantize_weights_ternary(w, self.scale_groups)
     return contract(x.astype(self.dtype), w.astype(self.dtype))
+
+  def _output_scale(self, scale, acc_ndim: int, kernel_ndim: int):
+    """The exported per-projection scales [segments], spread over the
+    accumulator's output axes (a scalar stays a scalar)."""
+    if self.scale_groups is None:
+      return scale
+    axis, segments = self.scale_groups
+    shape = [1] * (kernel_ndim - 1)
+    shape[axis - 1] = len(segments)
+    return scale[jnp.asarray(segments)].reshape(shape)
 
   def _check(self):
     if self.rotation not in ROTATIONS:
@@ -212,7 +224,10 @@ class BitLinear(nn.Module):
     if self.quant.weights == "latent":
       return _kernel(self, d_in, shape[1:], self.kernel_axes, self.kernel_init,
                      self.param_dtype)
-    scale = self.param("scale", nn.initializers.ones, (), jnp.float32)
+    groups = self.scale_groups
+    scale = self.param("scale", nn.initializers.ones,
+                       () if groups is None else (max(groups[1]) + 1,),
+                       jnp.float32)
     if self.quant.weights == "packed":
       packed = self.param("packed", nn.initializers.zeros,
                           (packing.packed_ternary_size(shape),), jnp.uint8)

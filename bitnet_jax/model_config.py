@@ -21,6 +21,7 @@ VARIANTS = ("fp", "b1.58", "v2", "a4.8")
 HADAMARD = ("none", "activation", "weight_and_activation")
 PTQ_ROTATIONS = ("none", "random_hadamard", "learned")
 WEIGHT_FORMS = ("latent", "int8", "packed")
+WEIGHT_SCALES = ("projection", "tensor")
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -51,6 +52,7 @@ class ModelConfig:
   remat: str = "none"
   tie_embeddings: bool = False
   attention_impl: str = ""            # "" (backend's best), 'xla', 'cudnn'
+  activation: str = ""                # GLU: "" (the variant's), swiglu, relu2
   # config.quant
   act_bits: int = 8
   hadamard: str = "activation"
@@ -61,6 +63,7 @@ class ModelConfig:
   kv_bits: int = 0                    # post-RoPE key/value bits; 0 off
   ptq_rotation: str = "none"          # b1.58 PTQ: random_hadamard | learned
   ptq_fused: bool = True              # PTQ: rotation fused into W_qkv, W_up,gate
+  weight_scale: str = "projection"    # absmean per projection | per tensor
   weights: str = "latent"             # 'int8' / 'packed': exported inference
   quantized: bool = True              # False: float weights and activations
 
@@ -87,6 +90,8 @@ class ModelConfig:
     one_of("remat", REMAT_POLICIES)
     one_of("dtype", DTYPES)
     one_of("attention_impl", ("", "xla", "cudnn"))
+    one_of("weight_scale", WEIGHT_SCALES)
+    one_of("activation", ("", "swiglu", "relu2"))
     for field in ("q_bits", "kv_bits"):
       bits = getattr(self, field)
       if bits and not 2 <= bits <= 8:

@@ -8,7 +8,8 @@ variant and ablation. The model asks here and never branches on the variant.
   W_down      float   Q_x(x)   Q_x(H x)           8-bit | [top-K] -> 8-bit
   Q, K/V      post-RoPE absmax at q_bits / kv_bits (off by default; BOS K/V
               keep 8 bits); the same for every variant
-  GLU         SwiGLU; squared ReLU for a4.8
+  GLU         SwiGLU; squared ReLU for a4.8 (model.activation overrides,
+              for matched comparisons)
   block norms pre-norms for fp; the BitLinear layers norm their own inputs
 
 Q_x is the INT8 (Eq. 5) or INT4 absmean (Eq. 6) quantizer of `act_bits`; all
@@ -34,6 +35,7 @@ class LinearPolicy:
   quant: QuantConfig | None
   rotation: str = "none"
   fused: bool = True
+  scale_groups: tuple | None = None   # quant.ScaleGroups of a fused kernel
 
 
 def linear(cfg: ModelConfig, role: str) -> LinearPolicy:
@@ -48,10 +50,12 @@ def linear(cfg: ModelConfig, role: str) -> LinearPolicy:
              QuantConfig.off())
     # Table 4: only W_qkv and W_up,gate may give up the fusion.
     return LinearPolicy(quant, cfg.ptq_rotation,
-                        fused=cfg.ptq_fused or site.intermediate)
+                        fused=cfg.ptq_fused or site.intermediate,
+                        scale_groups=scale_groups(cfg, role))
   rotation = hadamard_rotation(cfg, role)
   if not cfg.quantized:
-    return LinearPolicy(QuantConfig.off(), rotation)
+    return LinearPolicy(QuantConfig.off(), rotation,
+                        scale_groups=scale_groups(cfg, role))
   bits, topk = cfg.act_bits, None
   if cfg.variant == "a4.8" and cfg.act_bits == 4 and site.intermediate:
     # sparsified 8-bit intermediate states
@@ -59,7 +63,23 @@ def linear(cfg: ModelConfig, role: str) -> LinearPolicy:
     topk = (cfg.topk_ratio_o if role == "o" else cfg.topk_ratio_down) or None
   return LinearPolicy(QuantConfig(act_bits=bits, topk_ratio=topk,
                                   hadamard_block_size=block,
-                                  weights=cfg.weights), rotation)
+                                  weights=cfg.weights), rotation,
+                      scale_groups=scale_groups(cfg, role))
+
+
+def scale_groups(cfg: ModelConfig, role: str):
+  """The projections fused in a kernel, each with its own absmean scale (as
+  BitNet b1.58 quantizes W_q, W_k, W_v, W_up, W_gate): quant.ScaleGroups on
+  the kernel layouts of model.py (W_qkv [D, K, G + 2, E]: G query slots, then
+  K and V; W_up,gate [D, 2, F]); None for a single projection or with
+  weight_scale='tensor'."""
+  if cfg.weight_scale == "tensor":
+    return None
+  if role == sites.QKV.name:
+    return (2, (0,) * (cfg.num_heads // cfg.kv_heads) + (1, 2))
+  if role == sites.UP_GATE.name:
+    return (1, (0, 1))
+  return None
 
 
 def hadamard_rotation(cfg: ModelConfig, role: str) -> str:
@@ -80,8 +100,9 @@ def kv_bits(cfg: ModelConfig) -> int | None:
 
 
 def glu_activation(cfg: ModelConfig) -> str:
-  """'relu2' (squared ReLU, BitNet a4.8) or 'swiglu'."""
-  return "relu2" if cfg.variant == "a4.8" else "swiglu"
+  """model.activation, or the variant's own: 'relu2' (squared ReLU) for
+  BitNet a4.8, 'swiglu' for the others."""
+  return cfg.activation or ("relu2" if cfg.variant == "a4.8" else "swiglu")
 
 
 def block_pre_norms(cfg: ModelConfig) -> bool:

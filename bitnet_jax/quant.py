@@ -2,7 +2,9 @@
 
 Fake-quantizers (return the dequantized value, identity gradient via
 `jax.custom_vjp`):
-  quantize_weights_ternary(w)    Eq. 1-2: per-tensor absmean, alpha * {-1, 0, 1}
+  quantize_weights_ternary(w[, groups])
+                                 Eq. 1-2: absmean alpha * {-1, 0, 1}, per
+                                 tensor or per projection of a fused kernel
   quantize_activations_int8(x)   Eq. 5: per-token (last axis) absmax, [-128, 127]
   quantize_activations_int4(x)   Eq. 6: per-token absmean, scale sqrt(7)/beta, [-8, 7]
   quantize_activations_int4_absmax(x)
@@ -43,10 +45,39 @@ def _round_clip(x: jax.Array, lo: float, hi: float) -> jax.Array:
 # Integer forms.
 
 
-def ternary_codes(w: jax.Array) -> tuple[jax.Array, jax.Array]:
-  """Eq. 1: codes in {-1, 0, 1} (int8) and the per-tensor scale alpha."""
+# Projections fused in one kernel: (axis, segment of each index along it).
+# W_qkv [D, K, G + 2, E] is (2, (0,) * G + (1, 2)); W_up,gate [D, 2, F] is
+# (1, (0, 1)). None: one tensor.
+ScaleGroups = tuple[int, tuple[int, ...]]
+
+
+def absmean(w32: jax.Array, groups: ScaleGroups | None = None) -> jax.Array:
+  """mean |w| of the tensor, or of each projection of a fused kernel
+  (broadcastable to w: the segment's value at each index of `axis`)."""
+  if groups is None:
+    return jnp.mean(jnp.abs(w32))
+  axis, segments = groups
+  if len(segments) != w32.shape[axis]:
+    raise ValueError(f"{len(segments)} scale segments for axis {axis} of "
+                     f"shape {w32.shape}")
+  others = tuple(a for a in range(w32.ndim) if a != axis)
+  per_index = jnp.sum(jnp.abs(w32), axis=others)            # [n]
+  seg = jnp.asarray(segments)
+  num = max(segments) + 1
+  sums = jax.ops.segment_sum(per_index, seg, num)
+  counts = jax.ops.segment_sum(jnp.ones_like(per_index), seg, num)
+  per_segment = sums / (counts * (w32.size // w32.shape[axis]))
+  shape = [1] * w32.ndim
+  shape[axis] = w32.shape[axis]
+  return per_segment[seg].reshape(shape)
+
+
+def ternary_codes(w: jax.Array, groups: ScaleGroups | None = None
+                  ) -> tuple[jax.Array, jax.Array]:
+  """Eq. 1: codes in {-1, 0, 1} (int8) and the absmean scale alpha, per
+  tensor or per projection of a fused kernel (`groups`, see absmean)."""
   w32 = w.astype(jnp.float32)
-  alpha = jnp.mean(jnp.abs(w32))
+  alpha = absmean(w32, groups)
   codes = _round_clip(w32 / (alpha + EPS), -1, 1)
   return codes.astype(jnp.int8), alpha
 
@@ -98,8 +129,18 @@ def _straight_through(quantize):
   return fake_quant
 
 
-quantize_weights_ternary = _straight_through(ternary_codes)
-quantize_weights_ternary.__name__ = "quantize_weights_ternary"
+@functools.partial(jax.custom_vjp, nondiff_argnums=(1,))
+def quantize_weights_ternary(w: jax.Array, groups: ScaleGroups | None = None
+                             ) -> jax.Array:
+  """Eq. 1-2 fake-quantized (alpha * codes), identity gradient; `groups`:
+  one scale per projection of a fused kernel."""
+  codes, alpha = ternary_codes(w, groups)
+  return (codes.astype(jnp.float32) * alpha).astype(w.dtype)
+
+
+quantize_weights_ternary.defvjp(
+    lambda w, groups: (quantize_weights_ternary(w, groups), None),
+    lambda groups, _, g: (g,))
 quantize_activations_int8 = _straight_through(int8_codes)
 quantize_activations_int8.__name__ = "quantize_activations_int8"
 quantize_activations_int4 = _straight_through(int4_codes)

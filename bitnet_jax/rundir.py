@@ -43,6 +43,18 @@ class NotWritable(UserError, OSError):
   """The workdir cannot be created or written."""
 
 
+def migrate(config: dict) -> dict:
+  """A config.json written by an older bitnet_jax, in today's schema, with
+  the meaning it was trained with: runs before `quant.weight_scale` used one
+  absmean scale per fused kernel; `quant.ptq_rotation` "" meant none."""
+  quant = config.get("quant", {})
+  if "model" in config and "weight_scale" not in quant:
+    quant["weight_scale"] = "tensor"
+  if quant.get("ptq_rotation") == "":
+    quant["ptq_rotation"] = "none"
+  return config
+
+
 class RunDir:
   """The files of one run under `path`."""
 
@@ -81,7 +93,7 @@ class RunDir:
     if not path.exists():
       raise MissingInput(f"{self.path} has no {CONFIG}: not a bitnet_jax "
                               "run directory (or pass its config explicitly)")
-    return ml_collections.ConfigDict(json.loads(path.read_text()))
+    return ml_collections.ConfigDict(migrate(json.loads(path.read_text())))
 
   def write_config(self, config: ml_collections.ConfigDict) -> None:
     (self.path / CONFIG).write_text(config.to_json_best_effort(indent=2))

@@ -27,14 +27,15 @@ SHAPE = dict(vocab_size=97, d_model=64, d_ff=128, num_heads=4, num_kv_heads=2,
 BATCH, LENGTH = 2, 12
 EPS = 1e-5           # the quantizers' epsilon (np_reference.EPS)
 NORM_EPS = 1e-5      # RMSNorm epsilon (the library's default model.norm_eps)
-# name -> (variant, act_bits, q_bits, kv_bits)
+# name -> (variant, act_bits, q_bits, kv_bits, weight_scale)
 CASES = {
-    "fp": ("fp", 8, None, None),
-    "b1.58_a8": ("b1.58", 8, None, None),
-    "v2_a8": ("v2", 8, None, None),
-    "v2_a4": ("v2", 4, None, None),
-    "a4.8_a4": ("a4.8", 4, None, None),
-    "v2_a4_q4_kv4": ("v2", 4, 4, 4),
+    "fp": ("fp", 8, None, None, "projection"),
+    "b1.58_a8": ("b1.58", 8, None, None, "projection"),
+    "v2_a8": ("v2", 8, None, None, "projection"),
+    "v2_a4": ("v2", 4, None, None, "projection"),
+    "a4.8_a4": ("a4.8", 4, None, None, "projection"),
+    "v2_a4_q4_kv4": ("v2", 4, 4, 4, "projection"),
+    "v2_a8_tensor_scale": ("v2", 8, None, None, "tensor"),
 }
 TOPK_O = 0.5  # a4.8's W_o input share (the library's default)
 GOLDEN = os.path.join(os.path.dirname(__file__), "golden", "one_step.json")
@@ -84,7 +85,7 @@ def reference(case: str):
   jax.config.update("jax_enable_x64", True)
   import jax.numpy as jnp
 
-  variant, bits, q_bits, kv_bits = CASES[case]
+  variant, bits, q_bits, kv_bits, weight_scale = CASES[case]
   sg = jax.lax.stop_gradient
 
   def ste(x, q):
@@ -116,6 +117,15 @@ def reference(case: str):
     step = 2 * gamma / (2 ** b - 1)
     return round_clip((x + gamma) / (step + EPS), 0, 2 ** b - 1) * step - gamma
 
+  def quantize_groups(m, groups):
+    """Each group (a projection, possibly scattered over column blocks)
+    gets the absmean of all its columns."""
+    out = jnp.zeros_like(m)
+    for blocks in groups:
+      cols = np.concatenate([np.arange(a, b) for a, b in blocks])
+      out = out.at[:, cols].set(ternary(m[:, cols]))
+    return out
+
   def rmsnorm(x, s):
     return x / jnp.sqrt(jnp.mean(x * x, -1, keepdims=True) + NORM_EPS) * s
 
@@ -134,7 +144,22 @@ def reference(case: str):
 
   def linear(x, p, prefix, in_bits, rotate=False, ratio=None):
     w = p[prefix + "/kernel"]
-    w2 = w.reshape(w.shape[0], -1)
+    w2 = w.reshape(w.shape[0], -1)  # columns: the projections side by side
+    projections = [(0, w2.shape[1])]
+    if weight_scale == "projection" and prefix.endswith("/qkv"):
+      # [D, K, G + 2, E] -> columns of W_q, W_k and W_v
+      q_cols = [(k * (g + 2) * e + j * e, k * (g + 2) * e + (j + 1) * e)
+                for k in range(kh) for j in range(g)]
+      k_cols = [(k * (g + 2) * e + g * e, k * (g + 2) * e + (g + 1) * e)
+                for k in range(kh)]
+      v_cols = [(k * (g + 2) * e + (g + 1) * e, (k + 1) * (g + 2) * e)
+                for k in range(kh)]
+      groups = [q_cols, k_cols, v_cols]
+    elif weight_scale == "projection" and prefix.endswith("/up_gate"):
+      f = w.shape[-1]
+      groups = [[(0, f)], [(f, 2 * f)]]  # W_up, W_gate
+    else:
+      groups = [projections]
     if in_bits is None:
       return x @ w2
     h = rmsnorm(x, p[prefix + "/norm/scale"])
@@ -142,7 +167,7 @@ def reference(case: str):
       h = h @ hadamard(h.shape[-1])  # row vectors: x H^T, H symmetric
     act = int8 if in_bits == 8 else int4
     h = ste(h, (lambda z: act(topk(z, ratio))) if ratio else act)
-    return h @ ste(w2, ternary)
+    return h @ ste(w2, lambda m: quantize_groups(m, groups))
 
   b, length = BATCH, LENGTH
   d = SHAPE["d_model"]

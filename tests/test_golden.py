@@ -32,13 +32,13 @@ def path_name(path) -> str:
 
 @pytest.mark.parametrize("case", sorted(golden.CASES))
 def test_one_step_equals_golden(case):
-  variant, bits, q_bits, kv_bits = golden.CASES[case]
+  variant, bits, q_bits, kv_bits, weight_scale = golden.CASES[case]
   # Through the config groups users write (stable across refactors).
   config = defaults.base_config()
   config.model.update(golden.SHAPE, seq_len=golden.LENGTH, variant=variant,
                       norm_eps=golden.NORM_EPS, scan_layers=False)
   config.quant.update(act_bits=bits, q_bits=q_bits or 0, kv_bits=kv_bits or 0,
-                      topk_ratio_o=golden.TOPK_O)
+                      topk_ratio_o=golden.TOPK_O, weight_scale=weight_scale)
   cfg = ModelConfig.from_config(config)
   model = Transformer(cfg)
   batch = {"tokens": jnp.asarray(golden.make_batch())}

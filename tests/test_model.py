@@ -41,7 +41,17 @@ def tokens_for(cfg, batch=2, length=12, seed=0):
 # Reference (float64 numpy): every rule of the paper written out once more.
 
 
-def ref_linear(x, p, *, bits, rotate, topk=None, eps=1e-5):
+def ref_weights(w, projections):
+  """Eq. 1-2 applied to each projection (an index expression) on its own."""
+  out = np.empty_like(w)
+  for sl in projections:
+    codes, alpha, _ = np_ternary(w[sl])
+    out[sl] = codes * alpha
+  return out
+
+
+def ref_linear(x, p, *, bits, rotate, topk=None, eps=1e-5,
+               projections=(np.s_[...],)):
   w = np.asarray(p["kernel"], np.float64)
   if bits is None:  # fp baseline: no own norm, float weights
     return x @ w.reshape(w.shape[0], -1)
@@ -53,8 +63,7 @@ def ref_linear(x, p, *, bits, rotate, topk=None, eps=1e-5):
     kth = -np.sort(-np.abs(h), axis=-1)[..., k - 1:k]
     h = np.where(np.abs(h) >= kth, h, 0.0)
   codes, scale, _ = (np_int8 if bits == 8 else np_int4)(h)
-  wc, alpha, _ = np_ternary(w)
-  return (codes * scale) @ (wc * alpha).reshape(w.shape[0], -1)
+  return (codes * scale) @ ref_weights(w, projections).reshape(w.shape[0], -1)
 
 
 def ref_rope(x, theta=10000.0):
@@ -92,10 +101,18 @@ def ref_forward(cfg, params, tokens):
   kh, e = cfg.kv_heads, cfg.head_dim
   g = cfg.num_heads // kh
   causal = np.tril(np.ones((length, length), bool))
+  relu2 = (cfg.activation or ("relu2" if v == "a4.8" else "swiglu")) == "relu2"
+  # W_q, W_k, W_v and W_up, W_gate: one absmean each (BitNet b1.58)
+  qkv_projections = up_gate_projections = (np.s_[...],)
+  if cfg.weight_scale == "projection":
+    qkv_projections = (np.s_[:, :, :g], np.s_[:, :, g:g + 1],
+                       np.s_[:, :, g + 1:])
+    up_gate_projections = (np.s_[:, :1], np.s_[:, 1:])
   for i in range(cfg.num_layers):
     p = params[f"layer_{i}"]
     h = np_rmsnorm(x, p["attn_norm"]["scale"], 1e-5) if v == "fp" else x
-    qkv = ref_linear(h, p["attn"]["qkv"], bits=bits_in, rotate=False)
+    qkv = ref_linear(h, p["attn"]["qkv"], bits=bits_in, rotate=False,
+                     projections=qkv_projections)
     qkv = qkv.reshape(b, length, kh, g + 2, e)
     q = ref_rope(qkv[:, :, :, :g].reshape(b, length, kh * g, e))
     k = ref_rope(qkv[:, :, :, g])
@@ -111,10 +128,11 @@ def ref_forward(cfg, params, tokens):
     x = x + ref_linear(out.reshape(b, length, -1), p["attn"]["o"], bits=bits_mid,
                        rotate=rotate, topk=topk_o)
     h = np_rmsnorm(x, p["ffn_norm"]["scale"], 1e-5) if v == "fp" else x
-    ug = ref_linear(h, p["ffn"]["up_gate"], bits=bits_in, rotate=False)
+    ug = ref_linear(h, p["ffn"]["up_gate"], bits=bits_in, rotate=False,
+                    projections=up_gate_projections)
     ug = ug.reshape(b, length, 2, cfg.d_ff)
     up, gate = ug[:, :, 0], ug[:, :, 1]
-    act = np.maximum(gate, 0) ** 2 if v == "a4.8" else gate / (1 + np.exp(-gate))
+    act = np.maximum(gate, 0) ** 2 if relu2 else gate / (1 + np.exp(-gate))
     x = x + ref_linear(act * up, p["ffn"]["down"], bits=bits_mid, rotate=rotate)
   x = np_rmsnorm(x, params["final_norm"]["scale"], 1e-5)
   return x @ np.asarray(params["head"]["kernel"], np.float64)
@@ -129,12 +147,16 @@ def per_position_rel(a, b):
           np.linalg.norm(b, axis=-1))
 
 
-@pytest.mark.parametrize("variant,bits,qkv", [
-    ("fp", 8, None), ("b1.58", 8, None), ("v2", 8, None), ("v2", 4, None),
-    ("a4.8", 8, None), ("a4.8", 4, None), ("v2", 8, (4, 4)), ("v2", 4, (4, 3))])
-def test_model_equals_reference(variant, bits, qkv):
-  q_bits, kv_bits = qkv or (None, None)
-  cfg = small_cfg(variant=variant, act_bits=bits, q_bits=q_bits, kv_bits=kv_bits)
+@pytest.mark.parametrize("variant,bits,qkv,extra", [
+    ("fp", 8, None, {}), ("b1.58", 8, None, {}), ("v2", 8, None, {}),
+    ("v2", 4, None, {}), ("a4.8", 8, None, {}), ("a4.8", 4, None, {}),
+    ("v2", 8, (4, 4), {}), ("v2", 4, (4, 3), {}),
+    ("b1.58", 8, None, {"activation": "relu2"}),
+    ("v2", 4, None, {"weight_scale": "tensor"})])
+def test_model_equals_reference(variant, bits, qkv, extra):
+  q_bits, kv_bits = qkv or (0, 0)
+  cfg = small_cfg(variant=variant, act_bits=bits, q_bits=q_bits, kv_bits=kv_bits,
+                  **extra)
   tokens = tokens_for(cfg)
   params = init(cfg, tokens)
   logits = jax.jit(Transformer(cfg).apply)({"params": params}, tokens)

@@ -47,6 +47,34 @@ def test_ternary_matches_eq1(name):
   np.testing.assert_allclose(fake, ref_codes * ref_alpha, rtol=1e-5, atol=1e-6)
 
 
+def test_fused_kernel_gets_one_absmean_per_projection():
+  """A fused W_qkv [D, K, G + 2, E] (and W_up,gate [D, 2, F]) is quantized as
+  if each projection were its own tensor (Eq. 1-2 per projection)."""
+  rng = np.random.default_rng(3)
+  d, k, g, e = 16, 2, 3, 8
+  w = rng.standard_normal((d, k, g + 2, e)).astype(np.float32)
+  w[:, :, g + 1] *= 0.3  # a small W_v: a shared scale would zero most of it
+  segments = (0,) * g + (1, 2)
+  codes, alpha = quant.ternary_codes(jnp.asarray(w), (2, segments))
+  fake = quant.quantize_weights_ternary(jnp.asarray(w), (2, segments))
+  for proj, cols in ((0, slice(0, g)), (1, slice(g, g + 1)),
+                     (2, slice(g + 1, g + 2))):
+    ref_codes, ref_alpha, pre = np_ternary(w[:, :, cols])
+    assert_levels_equal(np.asarray(codes)[:, :, cols], ref_codes, pre)
+    np.testing.assert_allclose(np.asarray(alpha)[0, 0, cols], ref_alpha,
+                               rtol=1e-6)
+    np.testing.assert_allclose(np.asarray(fake)[:, :, cols],
+                               ref_codes * ref_alpha, rtol=1e-5, atol=1e-6)
+  # the per-tensor scale would differ: W_v's zero share shows it
+  shared, _, _ = np_ternary(w)
+  own, _, _ = np_ternary(w[:, :, g + 1])
+  assert np.mean(shared[:, :, g + 1] == 0) > np.mean(own == 0) + 0.2
+  # the gradient is still the identity (STE)
+  grad = jax.grad(lambda v: jnp.sum(quant.quantize_weights_ternary(
+      v, (2, segments)) * 3.0))(jnp.asarray(w))
+  np.testing.assert_array_equal(grad, 3.0)
+
+
 ACTIVATION_FORMS = {  # name: (codes, fake quantizer, float64 reference)
     8: (quant.int8_codes, quant.quantize_activations_int8, np_int8),
     4: (quant.int4_codes, quant.quantize_activations_int4, np_int4),

@@ -49,6 +49,24 @@ LAYOUT = (rundir.CONFIG, rundir.TOKENIZER, rundir.CHECKPOINTS, rundir.METRICS,
           rundir.LOG, rundir.LOCK)
 
 
+def test_an_older_config_keeps_the_meaning_it_was_trained_with(tmp_path):
+  """Runs written before quant.weight_scale existed used one absmean per
+  fused kernel; their config must not silently switch to per-projection."""
+  import json
+  from bitnet_jax import defaults
+  from bitnet_jax.model_config import ModelConfig
+  old = defaults.base_config().to_dict()
+  del old["quant"]["weight_scale"]
+  old["quant"]["ptq_rotation"] = ""
+  (tmp_path / rundir.CONFIG).write_text(json.dumps(old))
+  cfg = ModelConfig.from_config(rundir.RunDir(str(tmp_path)).read_config())
+  assert cfg.weight_scale == "tensor" and cfg.ptq_rotation == "none"
+  fresh = defaults.base_config()
+  rundir.RunDir(str(tmp_path)).write_config(fresh)
+  again = rundir.RunDir(str(tmp_path)).read_config()
+  assert ModelConfig.from_config(again).weight_scale == "projection"
+
+
 def test_only_rundir_spells_the_layout():
   """Every other module takes the run's file names from rundir, so the layout
   changes in one place (docstrings and config defaults may mention them)."""

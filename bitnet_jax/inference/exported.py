@@ -28,15 +28,22 @@ def _is_kernel(keys) -> bool:
   return found is not None and found.rest == (sites.KERNEL,)
 
 
-def ternary_tensor(kernel, rotate: bool, block: int, layered: bool):
-  """(codes int8, scale f32) of one kernel, per layer when stacked by scan."""
+def ternary_tensor(kernel, rotate: bool, block: int, layered: bool,
+                   groups=None):
+  """(codes int8, scale f32) of one kernel, per layer when stacked by scan;
+  with `groups` (quant.ScaleGroups) one scale per projection: [segments]."""
   def one(w):
     if rotate:
       w = rotate_input_axis(w, block)
-    return quant.ternary_codes(w)
+    codes, alpha = quant.ternary_codes(w, groups)
+    if groups is not None:  # one value per segment, from the broadcast form
+      axis, segments = groups
+      first = [segments.index(s) for s in range(max(segments) + 1)]
+      alpha = jax.numpy.moveaxis(alpha, axis, 0).reshape(-1)[
+          jax.numpy.asarray(first)]
+    return codes, alpha
   codes, scale = (jax.vmap(one) if layered else one)(jax.numpy.asarray(kernel))
-  return np.asarray(codes, np.int8), np.asarray(scale, np.float32).reshape(
-      codes.shape[:1] if layered else ())
+  return np.asarray(codes, np.int8), np.asarray(scale, np.float32)
 
 
 def inference_params(params, cfg: ModelConfig, weights: str = "packed",
@@ -56,7 +63,7 @@ def inference_params(params, cfg: ModelConfig, weights: str = "packed",
       rule = policy.linear(cfg, sites.locate(keys).site.name)
       rotate = rule.rotation == "weight_and_activation"
       codes, scale = ternary_tensor(leaf, rotate, cfg.hadamard_block_size,
-                                    layered)
+                                    layered, rule.scale_groups)
       layer = target.setdefault(keys[-2], {})
       layer["scale"] = scale
       if weights == "packed":

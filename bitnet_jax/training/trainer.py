@@ -22,20 +22,21 @@ import jax
 from jax.experimental import multihost_utils
 import jax.numpy as jnp
 
-from bitnet_jax.evaluation import activation_stats
-from bitnet_jax.training import checkpoint as ckpt_lib
+from bitnet_jax import defaults
+from bitnet_jax import rundir
 from bitnet_jax.data import corpus as corpus_lib
 from bitnet_jax.data import pipeline as data_lib
-from bitnet_jax import defaults
+from bitnet_jax.data import tokenizer as tokenizer_lib
+from bitnet_jax.errors import ConfigError, MissingInput, UserError
+from bitnet_jax.evaluation import activation_stats
+from bitnet_jax.model import ModelConfig, Transformer, count_params
+from bitnet_jax.scale import sharding
+from bitnet_jax.training import checkpoint as ckpt_lib
+from bitnet_jax.training import environment
 from bitnet_jax.training import metrics as metrics_lib
 from bitnet_jax.training import optimizer as optimizer_lib
-from bitnet_jax import rundir
-from bitnet_jax.scale import sharding
-from bitnet_jax.data import tokenizer as tokenizer_lib
 from bitnet_jax.training import train_step as step_lib
 from bitnet_jax.training import workdir_lock
-from bitnet_jax.errors import ConfigError, MissingInput, UserError
-from bitnet_jax.model import ModelConfig, Transformer, count_params
 
 
 class Preemption:
@@ -283,7 +284,8 @@ def _train_locked(setup: Setup, config, workdir: str, preemption) -> dict:
       loop = Loop(setup, config, ckpt, writer, data_iter, evals, preemption,
                   tokens_per_step)
       summary = loop.run(state, start)
-    summary.update(start_step=start, origin=origin)
+    summary.update(start_step=start, origin=origin,
+                   environment=environment.fingerprint())
     if jax.process_index() == 0:
       rundir.RunDir(workdir).write_summary(summary)
     return summary
