@@ -60,6 +60,8 @@ def main(argv):
     for key, s in stats.items():
       print(f"  {key:24s} kurtosis {s['kurtosis']:8.2f}  max/mean "
             f"{s['max_over_mean']:7.2f}  outlier channels {s['outlier_share']:.3f}"
+            f"  top channel energy {s['max_channel_energy']:.3f}"
+            f"  offset channels {s['offset_channels']:.0f}"
             f"  int4 zeros {s['int4_zero_share']:.3f}")
   print(f"wrote {FLAGS.out}/summary.json and {len(result['figures'])} figures")
 

@@ -36,7 +36,11 @@ def np_summary(x):
   outliers = channel_max > 8.0 * np.median(channel_max)
   beta = np.maximum(np.abs(x).mean(axis=-1, keepdims=True), 1e-5)  # Eq. 6
   codes = np.clip(np.round(x * np.sqrt(7.0) / beta), -8, 7)
+  energy = x ** 2
+  share = (energy / np.maximum(energy.sum(-1, keepdims=True), 1e-30)).mean(0)
+  offset = (np.abs(x.mean(0)) > 2.0 * x.std(0)) & (share > 4.0 / x.shape[-1])
   return {"kurtosis": (c ** 4).mean() / (c ** 2).mean() ** 2,
+          "max_channel_energy": share.max(), "offset_channels": offset.sum(),
           "max_over_mean": np.abs(x).max() / np.abs(x).mean(),
           "outlier_share": outliers.mean(), "outliers": np.flatnonzero(outliers),
           "int4_zero_share": (codes == 0).mean()}
@@ -58,6 +62,24 @@ def test_planted_outlier_channels_are_found_exactly():
   got = activation_stats.summarize_jit(planted().astype(np.float32))
   assert np.flatnonzero(got["outlier_mask"]).tolist() == PLANTED
   assert float(got["outlier_share"]) == len(PLANTED) / 64
+
+
+def test_a_token_shared_offset_channel_is_flagged_with_its_energy():
+  """The audit's picture: one channel carrying a per-token constant (a bias
+  in effect) holds a large, known share of each token's energy."""
+  rng = np.random.default_rng(4)
+  x = rng.standard_normal((512, 64))
+  x[:, 9] = 4.0 + 0.1 * rng.standard_normal(512)  # share ~ 16 / (63 + 16)
+  got = jax.device_get(activation_stats.summarize_jit(x.astype(np.float32)))
+  want = np_summary(x.astype(np.float32))
+  assert float(got["offset_channels"]) == 1 == want["offset_channels"]
+  assert float(got["max_channel_energy"]) == pytest.approx(
+      want["max_channel_energy"], rel=1e-4)
+  assert 0.17 < float(got["max_channel_energy"]) < 0.23
+  plain = jax.device_get(activation_stats.summarize_jit(
+      rng.standard_normal((512, 64)).astype(np.float32)))
+  assert float(plain["offset_channels"]) == 0
+  assert float(plain["max_channel_energy"]) < 2.0 / 64
 
 
 def test_hadamard_removes_planted_outliers():

@@ -11,6 +11,12 @@ the activations to the host:
                     the median over channels of the channel max |x|
   outlier_mask      [C] which channels those are
   int4_zero_share   share of values whose 4-bit code (Eq. 6, per token) is 0
+  max_channel_energy  the largest per-channel share of a token's energy
+                    (x_c^2 / |x|^2, averaged over tokens; 1/C if uniform)
+  offset_channels   channels that are a token-shared offset: |mean| above
+                    OFFSET_FACTOR x their std and > OFFSET_ENERGY / C of the
+                    energy (a learned bias channel; harmless at 8 bits, clipped
+                    by absmean INT4 when it sits in the rotated domain)
   mean, std, count  of all values
   hist_counts       [BINS] counts over `hist_edges` [BINS + 1], symmetric
                     around 0 out to max |x|
@@ -31,7 +37,10 @@ from bitnet_jax import sites
 
 OUTLIER_FACTOR = 8.0
 BINS = 101
-SCALARS = ("kurtosis", "max_over_mean", "outlier_share", "int4_zero_share")
+SCALARS = ("kurtosis", "max_over_mean", "outlier_share", "int4_zero_share",
+           "max_channel_energy", "offset_channels")
+OFFSET_FACTOR = 2.0   # |channel mean| over its std: a token-shared offset
+OFFSET_ENERGY = 4.0   # ... holding this many times the uniform energy share
 STAGES = ("pre_rotation", "input")        # before the Hadamard; quantizer input
 
 
@@ -46,6 +55,13 @@ def summarize(x: jax.Array) -> dict[str, jax.Array]:
   channel_max = jnp.max(absx, axis=0)
   outliers = channel_max > OUTLIER_FACTOR * jnp.median(channel_max)
   codes, _ = quant.int4_codes(x)
+  # Per-channel share of each token's energy, averaged over tokens; a channel
+  # whose mean dwarfs its spread is a learned offset (a bias in effect).
+  energy = x * x
+  share = jnp.mean(energy / jnp.maximum(jnp.sum(energy, -1, keepdims=True),
+                                        1e-30), axis=0)
+  offsets = ((jnp.abs(jnp.mean(x, axis=0)) > OFFSET_FACTOR * jnp.std(x, axis=0))
+             & (share > OFFSET_ENERGY / x.shape[-1]))
   edges = jnp.linspace(-1.0, 1.0, BINS + 1) * jnp.maximum(peak, 1e-30)
   counts, _ = jnp.histogram(x, bins=edges)
   return {
@@ -55,6 +71,8 @@ def summarize(x: jax.Array) -> dict[str, jax.Array]:
       "outlier_share": jnp.mean(outliers.astype(jnp.float32)),
       "outlier_mask": outliers,
       "int4_zero_share": jnp.mean((codes == 0).astype(jnp.float32)),
+      "max_channel_energy": jnp.max(share),
+      "offset_channels": jnp.sum(offsets.astype(jnp.float32)),
       "hist_counts": counts,
       "hist_edges": edges,
   }
