@@ -8,12 +8,15 @@ numbers, and figures (loss curves, activation histograms):
       --data=../shared/data/wikitext2_valid.txt --out=/tmp/paper_small
   python -m bitnet_jax.experiments.paper_small --data=FILE --out=DIR --quick
 
-Runs (see study.RUNS): fp, b1.58 (a8), a4.8 (a8 -> a4), v2 (a8 -> a4) and
-the Table 5 rotations none / weight-and-activation (a8 -> a4); Tables 2-3
-re-evaluate the v2 runs with low-bit Q/K/V; Table 4 quantizes the b1.58 run
-with QuaRot and SpinQuant (fused and unfused). The same command again resumes:
-finished runs and cached evaluations are reused. --quick is the CI smoke
-test (tiny models, a few steps). --steps overrides the schedule length.
+Runs (see study.RUNS), each at every seed of study.Settings.seeds: fp, b1.58
+(a8), a4.8 (a8 -> a4), v2 (a8 -> a4), the Table 5 rotations none /
+weight-and-activation (-> a4), and b1.58 / v2 with a4.8's squared-ReLU GLU
+(the matched comparison); Tables 2-3 re-evaluate the v2 runs with low-bit
+Q/K/V; Table 4 quantizes the b1.58 run with QuaRot and SpinQuant (fused and
+unfused). Tables show mean ± sd over seeds; each finding gets a verdict by
+the rule in seeds.py. The same command again resumes: finished runs and
+cached evaluations are reused. --quick is the CI smoke test (tiny models, a
+few steps, one seed). --steps overrides the schedule length.
 """
 from __future__ import annotations
 
@@ -39,8 +42,8 @@ def machine() -> str:
 def check_settings(out: str, settings: study.Settings, data: str) -> None:
   """Refuse to resume a study directory that was started differently."""
   path = os.path.join(out, "study.json")
-  current = {"settings": dataclasses.asdict(settings),
-             "data": os.path.abspath(data)}
+  current = json.loads(json.dumps({"settings": dataclasses.asdict(settings),
+                                   "data": os.path.abspath(data)}))
   if os.path.exists(path):
     with open(path) as f:
       before = json.load(f)
@@ -53,49 +56,72 @@ def check_settings(out: str, settings: study.Settings, data: str) -> None:
     json.dump(current, f, indent=2)
 
 
-def run_study(data: str, out: str, settings: study.Settings,
-              command: str = "") -> dict:
-  """Train, score and report; returns the results and what this call did."""
-  check_settings(out, settings, data)
-  data_info = study.prepare_data(data, out, settings)
-  trained = []
-  for run in study.RUNS:
-    if study.train_run(run, out, settings):
-      trained.append(run.name)
-  docs = study.valid_documents(out, settings)
-  before = set(os.listdir(os.path.join(out, "results"))) if os.path.isdir(
-      os.path.join(out, "results")) else set()
-  runs = {r.name: scoring.score_run(r, out, settings, docs) for r in study.RUNS}
+def score_replica(rep: str, settings: study.Settings, docs) -> dict:
+  """Tables 1-5 of one seed's runs: {runs, attention, ptq} (cached)."""
+  runs = {r.name: scoring.score_run(r, rep, settings, docs) for r in study.RUNS}
   attention = {}
   for name in ("v2_a8", "v2_a4"):
     run = study.RUN_BY_NAME[name]
     attention[name] = {
         label: (runs[name] if not overrides else
-                scoring.score_attention(run, out, overrides, docs))
+                scoring.score_attention(run, rep, overrides, docs))
         for label, overrides in study.ATTENTION_SETTINGS}
-  ptq = {name: scoring.score_ptq(name, method, fuse, out, settings, docs)
+  ptq = {name: scoring.score_ptq(name, method, fuse, rep, settings, docs)
          for name, method, fuse in study.PTQ_RUNS}
-  after = set(os.listdir(os.path.join(out, "results")))
-  train_s = sum(study.train_seconds(os.path.join(out, "runs", r.name))
+  return {"runs": runs, "attention": attention, "ptq": ptq}
+
+
+def replica_seconds(rep: str, scores: dict) -> tuple[float, float]:
+  """(training, scoring) wall seconds of one replica, from its logs."""
+  train_s = sum(study.train_seconds(os.path.join(rep, "runs", r.name))
                 for r in study.RUNS)
-  score_s = sum(r["seconds"] for group in (runs, ptq) for r in group.values())
-  score_s += sum(attention[n][label]["seconds"] for n in attention
+  score_s = sum(r["seconds"] for group in ("runs", "ptq")
+                for r in scores[group].values())
+  score_s += sum(scores["attention"][n][label]["seconds"]
+                 for n in scores["attention"]
                  for label, o in study.ATTENTION_SETTINGS if o)
+  return train_s, score_s
+
+
+def run_study(data: str, out: str, settings: study.Settings,
+              command: str = "") -> dict:
+  """Train, score and report every seed; returns the results and what this
+  call did (runs trained as '<run>@seed<k>', evaluations new this call)."""
+  check_settings(out, settings, data)
+  data_info = study.prepare_data(data, out, settings)
+  data_dir = os.path.join(out, "data")
+  docs = study.valid_documents(out, settings)
+  trained, evaluated, replicas = [], [], {}
+  train_s = score_s = 0.0
+  for seed in settings.seeds:
+    s = dataclasses.replace(settings, seed=seed)
+    rep = study.replica(out, seed)
+    for run in study.RUNS:
+      if study.train_run(run, rep, s, data_dir):
+        trained.append(f"{run.name}@seed{seed}")
+    results_dir = os.path.join(rep, "results")
+    before = set(os.listdir(results_dir)) if os.path.isdir(results_dir) else set()
+    replicas[seed] = score_replica(rep, s, docs)
+    evaluated += [f"seed{seed}/{f}" for f in
+                  sorted(set(os.listdir(results_dir)) - before)]
+    t, sc = replica_seconds(rep, replicas[seed])
+    train_s, score_s = train_s + t, score_s + sc
   results = {"command": command, "machine": machine(),
              "settings": dataclasses.asdict(settings), "data": data_info,
-             "a4_start": settings.a4_start,
+             "a4_start": settings.a4_start, "seeds": list(settings.seeds),
              "minutes": {"train": train_s / 60, "score": score_s / 60,
                          "data": data_info["seconds"] / 60},
-             "runs": runs, "attention": attention, "ptq": ptq}
+             "replicas": {str(k): v for k, v in replicas.items()}}
+  first = study.replica(out, settings.seeds[0])
   fig_dir = os.path.join(out, "figures")
-  figures = report.write_figures(results, out, fig_dir,
-                                 _activation_runs(out, docs, settings))
+  figures = report.write_figures(first, fig_dir,
+                                 _activation_runs(first, docs, settings))
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
   with open(os.path.join(out, "report.md"), "w") as f:
     f.write(report.markdown(results, figures, out))
-  return {"results": results, "trained": trained,
-          "evaluated": sorted(after - before), "figures": figures}
+  return {"results": results, "trained": trained, "evaluated": evaluated,
+          "figures": figures}
 
 
 def _activation_runs(out: str, docs, settings: study.Settings) -> dict:

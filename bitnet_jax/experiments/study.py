@@ -3,7 +3,15 @@
 Every model has the same shape and sees the same tokens (same data, batch and
 steps; the same tokenizer trained once). a4 runs continue their a8 parent's
 checkpoint at step `a4_start` with its optimizer state, like the paper's
-recipe, and train the last ~10% of the schedule at 4-bit activations.
+recipe, and train the last 5% of the schedule at 4-bit activations. Every run
+is trained at each of `Settings.seeds` (init and data order), one replica
+directory per seed (OUT/seed<k>/runs, results, ptq).
+
+Table 5's "no rotation" model at 8 bits is BitNet b1.58 by construction (v2
+with hadamard=none computes exactly what b1.58 does), so its a4 run continues
+the b1.58 (a8) checkpoint instead of training a copy. Likewise BitNet a4.8's
+8-bit stage is b1.58 with the squared-ReLU GLU, the matched baseline of the
+v2 ReLU² runs.
 
 Everything is resumable: a run whose summary.json reports its last step is
 not trained again (an interrupted one resumes from its checkpoints), and
@@ -24,7 +32,7 @@ import ml_collections
 from bitnet_jax import defaults, rundir
 from bitnet_jax.errors import InputError, MissingInput
 
-A4_FRACTION = 0.1
+A4_FRACTION = 0.05  # the paper: the last 5B of 100B tokens
 
 
 @dataclasses.dataclass(frozen=True)
@@ -34,6 +42,7 @@ class Run:
   act_bits: int = 8
   hadamard: str = "activation"
   parent: str | None = None   # the a8 run an a4 run continues from
+  activation: str = ""        # GLU; "" = the variant's (relu2 for a4.8)
 
 
 RUNS = (
@@ -43,11 +52,14 @@ RUNS = (
     Run("a4.8_a4", "a4.8", 4, parent="a4.8_a8"),
     Run("v2_a8", "v2"),
     Run("v2_a4", "v2", 4, parent="v2_a8"),
-    Run("v2_none_a8", "v2", hadamard="none"),
-    Run("v2_none_a4", "v2", 4, hadamard="none", parent="v2_none_a8"),
+    Run("v2_none_a4", "v2", 4, hadamard="none", parent="b1.58_a8"),
     Run("v2_wa_a8", "v2", hadamard="weight_and_activation"),
     Run("v2_wa_a4", "v2", 4, hadamard="weight_and_activation",
         parent="v2_wa_a8"),
+    # a4.8's squared-ReLU GLU on v2: a matched comparison (b1.58 with it is
+    # a4.8's own a8 stage, which computes exactly that)
+    Run("v2_relu2_a8", "v2", activation="relu2"),
+    Run("v2_relu2_a4", "v2", 4, activation="relu2", parent="v2_relu2_a8"),
 )
 RUN_BY_NAME = {r.name: r for r in RUNS}
 # Tables 2-3: attention-state bits evaluated on the v2 runs.
@@ -81,7 +93,8 @@ class Settings:
   calib_samples: int = 128      # SpinQuant rows (the paper: 800)
   calib_steps: int = 100
   calib_lr: float = 1.5
-  seed: int = 0
+  seeds: tuple[int, ...] = (0, 1, 2)
+  seed: int = 0                 # the replica being run (one of seeds)
 
   @property
   def a4_start(self) -> int:
@@ -99,7 +112,12 @@ class Settings:
 QUICK = Settings(vocab_size=320, d_model=32, d_ff=64, num_heads=2, num_layers=1,
                  seq_len=32, batch_size=8, steps=6, warmup_steps=2,
                  max_valid_docs=6, analysis_seqs=2, calib_samples=8,
-                 calib_steps=2)
+                 calib_steps=2, seeds=(0,))
+
+
+def replica(out: str, seed: int) -> str:
+  """The directory of one seed's runs, results and PTQ runs."""
+  return os.path.join(out, f"seed{seed}")
 
 
 # ---------------------------------------------------------------------------
@@ -165,15 +183,18 @@ def valid_documents(out: str, s: Settings) -> list[str]:
 # Training.
 
 
-def run_config(run: Run, out: str, s: Settings) -> ml_collections.ConfigDict:
+def run_config(run: Run, out: str, s: Settings,
+               data_dir: str) -> ml_collections.ConfigDict:
+  """The config of `run` in the replica directory `out` (seed s.seed)."""
   c = defaults.tiny_config(act_bits=run.act_bits)
   c.seed = s.seed
   c.model.update(variant=run.variant, vocab_size=s.vocab_size,
+                 activation=run.activation,
                  d_model=s.d_model, d_ff=s.d_ff, num_heads=s.num_heads,
                  num_layers=s.num_layers, seq_len=s.seq_len)
   c.quant.hadamard = run.hadamard
-  c.data.update(source="text", paths=os.path.join(out, "data", "train.txt"),
-                tokenizer=os.path.join(out, "data", rundir.TOKENIZER),
+  c.data.update(source="text", paths=os.path.join(data_dir, "train.txt"),
+                tokenizer=os.path.join(data_dir, rundir.TOKENIZER),
                 batch_size=s.batch_size, eval_fraction=0.02)
   c.opt.update(lr=s.lr, lr_stage2=s.lr_stage2,
                warmup_steps=min(s.warmup_steps, s.steps // 2))
@@ -193,14 +214,15 @@ def is_trained(workdir: str, s: Settings) -> bool:
       not summary.get("preempted")
 
 
-def train_run(run: Run, out: str, s: Settings) -> bool:
-  """Train (or resume) one run; False if it was already finished."""
+def train_run(run: Run, out: str, s: Settings, data_dir: str) -> bool:
+  """Train (or resume) one run of the replica `out`; False if it was
+  already finished."""
   from bitnet_jax.training import trainer
   workdir = os.path.join(out, "runs", run.name)
   if is_trained(workdir, s):
     return False
-  logging.info("study: training %s", run.name)
-  trainer.train(run_config(run, out, s), workdir)
+  logging.info("study: training %s (seed %d)", run.name, s.seed)
+  trainer.train(run_config(run, out, s, data_dir), workdir)
   return True
 
 
