@@ -16,6 +16,7 @@ command can be imported side by side.
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from typing import Callable, Sequence
 
@@ -100,7 +101,6 @@ def define_document_flags(prefix: str = "", *, sources=SOURCES,
 
 def documents(prefix: str = ""):
   """The `perplexity.Documents` the document flags under `prefix` select."""
-  import dataclasses
   from bitnet_jax.evaluation.perplexity import Documents
   values = {}
   for field in dataclasses.fields(Documents):

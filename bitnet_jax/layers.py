@@ -183,7 +183,10 @@ class BitLinear(nn.Module):
       w_codes, w_scale = weights
       x_codes, x_scale = quantizers.activation_codes(x, cfg.act_bits)
       acc = integer_matmul(x_codes, w_codes)
-      w_scale = self._output_scale(w_scale, acc.ndim, w_codes.ndim)
+      if self.scale_groups is not None:  # over the output axes of the kernel
+        axis, segments = self.scale_groups
+        w_scale = quantizers.spread(w_scale, (axis - 1, segments),
+                                    w_codes.ndim - 1)
       x_scale = x_scale.reshape(*x_scale.shape[:-1],
                                 *([1] * (acc.ndim - x_scale.ndim + 1)))
       return (acc.astype(jnp.float32) * (x_scale * w_scale)).astype(self.dtype)
@@ -199,16 +202,6 @@ class BitLinear(nn.Module):
     if cfg.ternary_weights:
       w = quantizers.quantize_weights_ternary(w, self.scale_groups)
     return contract(x.astype(self.dtype), w.astype(self.dtype))
-
-  def _output_scale(self, scale, acc_ndim: int, kernel_ndim: int):
-    """The exported per-projection scales [segments], spread over the
-    accumulator's output axes (a scalar stays a scalar)."""
-    if self.scale_groups is None:
-      return scale
-    axis, segments = self.scale_groups
-    shape = [1] * (kernel_ndim - 1)
-    shape[axis - 1] = len(segments)
-    return scale[jnp.asarray(segments)].reshape(shape)
 
   def _check(self):
     if self.rotation not in ROTATIONS:

@@ -52,8 +52,8 @@ ScaleGroups = tuple[int, tuple[int, ...]]
 
 
 def absmean(w32: jax.Array, groups: ScaleGroups | None = None) -> jax.Array:
-  """mean |w| of the tensor, or of each projection of a fused kernel
-  (broadcastable to w: the segment's value at each index of `axis`)."""
+  """mean |w| of the tensor (a scalar), or of each projection of a fused
+  kernel ([segments])."""
   if groups is None:
     return jnp.mean(jnp.abs(w32))
   axis, segments = groups
@@ -66,19 +66,28 @@ def absmean(w32: jax.Array, groups: ScaleGroups | None = None) -> jax.Array:
   num = max(segments) + 1
   sums = jax.ops.segment_sum(per_index, seg, num)
   counts = jax.ops.segment_sum(jnp.ones_like(per_index), seg, num)
-  per_segment = sums / (counts * (w32.size // w32.shape[axis]))
-  shape = [1] * w32.ndim
-  shape[axis] = w32.shape[axis]
-  return per_segment[seg].reshape(shape)
+  return sums / (counts * (w32.size // w32.shape[axis]))
+
+
+def spread(scale: jax.Array, groups: ScaleGroups | None, ndim: int) -> jax.Array:
+  """Per-projection scales [segments] made broadcastable over an ndim-axis
+  tensor whose axis `groups[0]` holds the projections; a scalar passes."""
+  if groups is None:
+    return scale
+  axis, segments = groups
+  shape = [1] * ndim
+  shape[axis] = len(segments)
+  return scale[jnp.asarray(segments)].reshape(shape)
 
 
 def ternary_codes(w: jax.Array, groups: ScaleGroups | None = None
                   ) -> tuple[jax.Array, jax.Array]:
-  """Eq. 1: codes in {-1, 0, 1} (int8) and the absmean scale alpha, per
-  tensor or per projection of a fused kernel (`groups`, see absmean)."""
+  """Eq. 1: codes in {-1, 0, 1} (int8) and the absmean scale alpha: a
+  scalar, or one per projection of a fused kernel ([segments], see absmean;
+  `spread` lines them up with w)."""
   w32 = w.astype(jnp.float32)
   alpha = absmean(w32, groups)
-  codes = _round_clip(w32 / (alpha + EPS), -1, 1)
+  codes = _round_clip(w32 / (spread(alpha, groups, w.ndim) + EPS), -1, 1)
   return codes.astype(jnp.int8), alpha
 
 
@@ -135,7 +144,8 @@ def quantize_weights_ternary(w: jax.Array, groups: ScaleGroups | None = None
   """Eq. 1-2 fake-quantized (alpha * codes), identity gradient; `groups`:
   one scale per projection of a fused kernel."""
   codes, alpha = ternary_codes(w, groups)
-  return (codes.astype(jnp.float32) * alpha).astype(w.dtype)
+  return (codes.astype(jnp.float32) * spread(alpha, groups, w.ndim)
+          ).astype(w.dtype)
 
 
 quantize_weights_ternary.defvjp(

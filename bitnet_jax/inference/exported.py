@@ -35,13 +35,7 @@ def ternary_tensor(kernel, rotate: bool, block: int, layered: bool,
   def one(w):
     if rotate:
       w = rotate_input_axis(w, block)
-    codes, alpha = quant.ternary_codes(w, groups)
-    if groups is not None:  # one value per segment, from the broadcast form
-      axis, segments = groups
-      first = [segments.index(s) for s in range(max(segments) + 1)]
-      alpha = jax.numpy.moveaxis(alpha, axis, 0).reshape(-1)[
-          jax.numpy.asarray(first)]
-    return codes, alpha
+    return quant.ternary_codes(w, groups)
   codes, scale = (jax.vmap(one) if layered else one)(jax.numpy.asarray(kernel))
   return np.asarray(codes, np.int8), np.asarray(scale, np.float32)
 
@@ -59,8 +53,9 @@ def inference_params(params, cfg: ModelConfig, weights: str = "packed",
     for k in keys[:-2]:
       target = target.setdefault(k, {})
     layered = keys[0] == "layers"
-    if _is_kernel(keys):
-      rule = policy.linear(cfg, sites.locate(keys).site.name)
+    found = sites.locate(keys)
+    if found and found.rest == (sites.KERNEL,):
+      rule = policy.linear(cfg, found.site.name)
       rotate = rule.rotation == "weight_and_activation"
       codes, scale = ternary_tensor(leaf, rotate, cfg.hadamard_block_size,
                                     layered, rule.scale_groups)
