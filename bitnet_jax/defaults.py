@@ -72,6 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
   q.weight_scale = "projection"    # ternary absmean per projection (q, k, v, up,
                                    # gate each its own) | tensor (one per fused kernel)
   q.weights = "latent"             # latent (training) | int8 | packed (exported codes)
+  q.mean_centre = False            # v2: H-BitLinear quantizes H x - mu and adds
+                                   # Q_w(W) mu back; mu (the token-shared offset
+                                   # of H x) is calibrated when 4-bit activations
+                                   # start (training/centring.py)
   q.quantized = True               # False: float weights and activations (reference)
 
   o = c.opt = ml_collections.ConfigDict()

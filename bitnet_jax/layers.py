@@ -16,6 +16,11 @@ ternary weights, and the weight form: 'latent' float32 kernels (training:
 quantized on every call, so the optimizer updates the latent value) or
 exported ternary codes ('int8', 'packed') multiplied in integers.
 
+Mean-centred H-BitLinear (`centre`, an option of this project): the rotated
+input z = H x of a trained v2 model can hold a token-shared offset (a learned
+channel acting as a bias) that INT4 absmean clips; the layer quantizes
+z - mu and adds Q_w(W) mu back, exact in float, a bias at inference.
+
 Kernels are stored [in, *out] and carry logical axis names for sharding.
 """
 from __future__ import annotations
@@ -150,6 +155,7 @@ class BitLinear(nn.Module):
   rotation: str = "none"
   fused: bool = True
   scale_groups: tuple | None = None   # quant.ScaleGroups: per-projection alpha
+  centre: bool = False   # subtract the offset param mu after the rotation
   use_norm: bool = True
   norm_eps: float = 1e-6
   dtype: Any = jnp.float32
@@ -174,6 +180,12 @@ class BitLinear(nn.Module):
         x = rotations.ptq_rotate(x, self.rotation, rot, block)
       else:
         x = rotations.hadamard_input(x, block, self.kernel_axes[0])
+    mu = None
+    if self.centre:  # mean-centred H-BitLinear: quantize H x - mu
+      mu = self._offset(d_in)
+      self.sow("intermediates", "rotated_mean",
+               jnp.mean(x.astype(jnp.float32), axis=tuple(range(x.ndim - 1))))
+      x = x - mu.astype(x.dtype)
     self.sow("intermediates", "quant_input", x)
     # sparsify
     if cfg.topk_ratio is not None:
@@ -189,7 +201,11 @@ class BitLinear(nn.Module):
                                     w_codes.ndim - 1)
       x_scale = x_scale.reshape(*x_scale.shape[:-1],
                                 *([1] * (acc.ndim - x_scale.ndim + 1)))
-      return (acc.astype(jnp.float32) * (x_scale * w_scale)).astype(self.dtype)
+      y = acc.astype(jnp.float32) * (x_scale * w_scale)
+      if mu is not None:  # + Q_w(W) mu, a bias
+        y = y + contract(mu.astype(jnp.float32),
+                         w_codes.astype(jnp.float32)) * w_scale
+      return y.astype(self.dtype)
     # activation quantizer
     x = quantizers.quantize_activations(x, cfg.act_bits, cfg.int4_scale)
     self.sow("intermediates", "quantized_input", x)
@@ -201,7 +217,10 @@ class BitLinear(nn.Module):
       w = rotations.rotate_input_axis(w, block)
     if cfg.ternary_weights:
       w = quantizers.quantize_weights_ternary(w, self.scale_groups)
-    return contract(x.astype(self.dtype), w.astype(self.dtype))
+    y = contract(x.astype(self.dtype), w.astype(self.dtype))
+    if mu is not None:
+      y = y + contract(mu.astype(self.dtype), w.astype(self.dtype))
+    return y
 
   def _check(self):
     if self.rotation not in ROTATIONS:
@@ -226,6 +245,14 @@ class BitLinear(nn.Module):
                           (packing.packed_ternary_size(shape),), jnp.uint8)
       return packing.unpack_ternary(packed, shape), scale
     return self.param("codes", nn.initializers.zeros, shape, jnp.int8), scale
+
+  def _offset(self, d_in: int) -> jax.Array:
+    """mu [in]: the token-shared offset of the rotated input, set by
+    calibration (training/centring.py), never by the optimizer: with a
+    straight-through Q_x, Q_x(z - mu) W + mu W has zero gradient in mu."""
+    mu = self.param("offset", nn.with_logical_partitioning(
+        nn.initializers.zeros, (self.kernel_axes[0],)), (d_in,), jnp.float32)
+    return jax.lax.stop_gradient(mu)
 
   def _ptq_rotation(self, d_in: int) -> jax.Array:
     if self.rotation == "random_hadamard":

@@ -46,8 +46,8 @@ def projection(cfg: ModelConfig, site: sites.Site, features,
   if rule.quant is None:
     return Linear(**common)
   return BitLinear(quant=rule.quant, rotation=rule.rotation, fused=rule.fused,
-                   scale_groups=rule.scale_groups, norm_eps=cfg.norm_eps,
-                   **common)
+                   scale_groups=rule.scale_groups, centre=rule.centre,
+                   norm_eps=cfg.norm_eps, **common)
 
 
 def apply_rope(x_BLNE: jax.Array, positions_BL: jax.Array,

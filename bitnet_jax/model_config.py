@@ -66,6 +66,7 @@ class ModelConfig:
   weight_scale: str = "projection"    # absmean per projection | per tensor
   weights: str = "latent"             # 'int8' / 'packed': exported inference
   quantized: bool = True              # False: float weights and activations
+  mean_centre: bool = False           # v2: centred H-BitLinear (offset mu)
 
   def __post_init__(self):
     def bad(field, msg):
@@ -122,6 +123,10 @@ class ModelConfig:
           f"{self.num_heads}")
     if self.head_dim % 2:
       bad("num_heads", f"head dim {self.head_dim} must be even for RoPE")
+    if self.mean_centre and (self.variant != "v2" or self.hadamard == "none"
+                             or self.ptq_rotation != "none"):
+      bad("mean_centre", "centres the H-BitLinear input: needs variant v2 "
+          "with a Hadamard rotation")
     if self.variant == "v2" and self.hadamard != "none":
       hadamard_size("d_model", "the H-BitLinear input width is not a Hadamard size")
       hadamard_size("d_ff", "the H-BitLinear input width is not a Hadamard size")

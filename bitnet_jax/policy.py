@@ -11,6 +11,8 @@ variant and ablation. The model asks here and never branches on the variant.
   GLU         SwiGLU; squared ReLU for a4.8 (model.activation overrides,
               for matched comparisons)
   block norms pre-norms for fp; the BitLinear layers norm their own inputs
+  centring    v2 with quant.mean_centre: W_o, W_down quantize H x - mu and add
+              Q_w(W) mu back (mu: a calibrated per-channel offset)
 
 Q_x is the INT8 (Eq. 5) or INT4 absmean (Eq. 6) quantizer of `act_bits`; all
 quantized weights are ternary absmean (Eq. 1-2). `hadamard` selects the v2
@@ -36,6 +38,7 @@ class LinearPolicy:
   rotation: str = "none"
   fused: bool = True
   scale_groups: tuple | None = None   # quant.ScaleGroups of a fused kernel
+  centre: bool = False                # subtract the offset mu before Q_x
 
 
 def linear(cfg: ModelConfig, role: str) -> LinearPolicy:
@@ -64,7 +67,8 @@ def linear(cfg: ModelConfig, role: str) -> LinearPolicy:
   return LinearPolicy(QuantConfig(act_bits=bits, topk_ratio=topk,
                                   hadamard_block_size=block,
                                   weights=cfg.weights), rotation,
-                      scale_groups=scale_groups(cfg, role))
+                      scale_groups=scale_groups(cfg, role),
+                      centre=cfg.mean_centre and rotation != "none")
 
 
 def scale_groups(cfg: ModelConfig, role: str):

@@ -53,9 +53,9 @@ def test_quick_study_end_to_end_and_resume(corpus_file, tmp_path):
     assert title in text and body in text
     assert "diverged" not in body and "nan" not in body
   rows = sum(t.count("\n") - 1 for t in report.tables(results).values())
-  assert rows == 8 + 8 + 5 + 6
+  assert rows == 8 + 8 + 5 + 7 + 2 * len(report.ROTATED_ROWS)
   claims = report.claims(results)
-  assert len(claims) >= 12
+  assert len(claims) >= 13
   assert all("**inconclusive**" in c for c in claims)  # one seed in --quick
   # Three seeds (the quick replica, perturbed by a tiny noise): the tables
   # show mean ± sd and a finding far from its threshold gets a verdict.

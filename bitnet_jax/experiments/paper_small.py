@@ -11,7 +11,8 @@ numbers, and figures (loss curves, activation histograms):
 Runs (see study.RUNS), each at every seed of study.Settings.seeds: fp, b1.58
 (a8), a4.8 (a8 -> a4), v2 (a8 -> a4), the Table 5 rotations none /
 weight-and-activation (-> a4), and b1.58 / v2 with a4.8's squared-ReLU GLU
-(the matched comparison); Tables 2-3 re-evaluate the v2 runs with low-bit
+(the matched comparison), and v2 (a4) with this project's mean-centred
+H-BitLinear; Tables 2-3 re-evaluate the v2 runs with low-bit
 Q/K/V; Table 4 quantizes the b1.58 run with QuaRot and SpinQuant (fused and
 unfused). Tables show mean ± sd over seeds; each finding gets a verdict by
 the rule in seeds.py. The same command again resumes: finished runs and
@@ -68,14 +69,16 @@ def score_replica(rep: str, settings: study.Settings, docs) -> dict:
         for label, overrides in study.ATTENTION_SETTINGS}
   ptq = {name: scoring.score_ptq(name, method, fuse, rep, settings, docs)
          for name, method, fuse in study.PTQ_RUNS}
-  return {"runs": runs, "attention": attention, "ptq": ptq}
+  rotated = {r.name: scoring.score_rotated(r, rep, settings, docs)
+             for r in study.RUNS}
+  return {"runs": runs, "attention": attention, "ptq": ptq, "rotated": rotated}
 
 
 def replica_seconds(rep: str, scores: dict) -> tuple[float, float]:
   """(training, scoring) wall seconds of one replica, from its logs."""
   train_s = sum(study.train_seconds(os.path.join(rep, "runs", r.name))
                 for r in study.RUNS)
-  score_s = sum(r["seconds"] for group in ("runs", "ptq")
+  score_s = sum(r["seconds"] for group in ("runs", "ptq", "rotated")
                 for r in scores[group].values())
   score_s += sum(scores["attention"][n][label]["seconds"]
                  for n in scores["attention"]

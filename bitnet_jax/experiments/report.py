@@ -100,9 +100,39 @@ def tables(r: dict) -> dict[str, str]:
     for a8, a4, label in TABLE5:
       s = runs[a8 if bits == 8 else a4]
       rows.append([label, f"W1.58A{bits}", ppl(s["ppl"]), num(s["train_loss"])])
+  c = runs["v2_centred_a4"]
+  rows.append(["Activation rotation, mean-centred (this project)", "W1.58A4",
+               ppl(c["ppl"]), num(c["train_loss"])])
   out["Table 5: Hadamard ablation of H-BitLinear"] = table(
       ["Rotation", "Bits", "Valid PPL ↓", "Train loss (end)"], rows)
+  out["The rotated domain: what the W_o / W_down quantizers see"] = \
+      rotated_table(agg["rotated"])
   return out
+
+
+ROTATED_ROWS = (("b1.58_a8", "BitNet b1.58 (a8)"), ("v2_a8", "BitNet v2 (a8)"),
+                ("v2_a4", "BitNet v2 (a4)"),
+                ("v2_centred_a4", "BitNet v2 (a4), mean-centred"),
+                ("v2_wa_a8", "v2, weight & activation rotation (a8)"),
+                ("v2_relu2_a8", "BitNet v2 ReLU² (a8)"))
+
+
+def rotated_table(rotated: dict) -> str:
+  """Kurtosis, the largest per-channel share of a token's energy and the
+  count of token-shared offset channels, before H -> what is quantized."""
+  def cell(sites, site, stat, fmt):
+    now = num(sites[f"{site}/input"][stat], fmt)
+    before = sites.get(f"{site}/pre_rotation")
+    return f"{num(before[stat], fmt)} → {now}" if before else now
+  rows = []
+  for name, label in ROTATED_ROWS:
+    sites = rotated[name]["sites"]
+    for site, title in (("o", "W_o"), ("down", "W_down")):
+      rows.append([label, title, cell(sites, site, "kurtosis", ".1f"),
+                   cell(sites, site, "max_channel_energy", ".3f"),
+                   cell(sites, site, "offset_channels", ".1f")])
+  return table(["Model", "Input of", "Kurtosis", "Largest channel energy "
+                "share", "Offset channels (all layers)"], rows)
 
 
 def claims(r: dict) -> list[str]:
@@ -147,6 +177,10 @@ def claims(r: dict) -> list[str]:
   check("Without rotation a4 training fails (Table 5: diverged)",
         f"PPL {ppl(p['v2_none_a4'])} (no rotation) vs {ppl(p['v2_a4'])}",
         rel(p["v2_none_a4"], p["v2_a4"]), 0.05, below=False)
+  check("Mean-centring the H-BitLinear input (this project's option, not "
+        "the paper's) lowers the a4 perplexity",
+        f"PPL a4 {ppl(p['v2_centred_a4'])} centred vs {ppl(p['v2_a4'])}",
+        rel(p["v2_centred_a4"], p["v2_a4"]), 0.0)
   check("Rotating weights too gives no gain over activations only (Table 5)",
         f"PPL a4 {ppl(p['v2_wa_a4'])} vs {ppl(p['v2_a4'])}",
         rel(p["v2_wa_a4"], p["v2_a4"]), -0.02, below=False)
@@ -182,7 +216,7 @@ def write_figures(out: str, fig_dir: str, activation_runs) -> list[str]:
                                 "v2_a4"),
             "loss_table5.png": ("b1.58_a8", "v2_none_a4", "v2_wa_a8",
                                 "v2_wa_a4", "v2_a8", "v2_a4", "v2_relu2_a8",
-                                "v2_relu2_a4")}
+                                "v2_relu2_a4", "v2_centred_a4")}
   for fname, names in groups.items():
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     for n in names:
@@ -224,7 +258,11 @@ def markdown(r: dict, figures: list[str], report_dir: str) -> str:
       f"(optimizer state included) at step {r['a4_start']}.  ",
       f"Validation PPL: every held-out token scored once in windows of "
       f"{s['seq_len']}. Kurtosis: mean over layers, {s['analysis_seqs']} "
-      "held-out sequences (3 = Gaussian).  ",
+      "held-out sequences (3 = Gaussian). Largest channel energy share: the "
+      "largest per-channel share of a token's energy, averaged over tokens (mean over "
+      "layers; 1/width when spread evenly); offset channels: channels whose "
+      "|mean| over tokens exceeds twice their spread and holds more than "
+      "4/width of the energy (a learned bias in effect).  ",
       f"Seeds: {', '.join(str(k) for k in r['seeds'])} (init and data "
       "order); tables show mean ± sd over seeds. Table 5's \"no rotation, "
       "a8\" model is BitNet b1.58 by construction (v2 without its Hadamard "

@@ -64,6 +64,36 @@ def kurtosis(pre, docs: list[str], s: study.Settings) -> dict:
   return out
 
 
+ROTATED_STATS = ("kurtosis", "max_channel_energy", "offset_channels")
+
+
+def rotated_domain(pre, docs: list[str], s: study.Settings) -> dict:
+  """{"{site}/{stage}": {stat: value}} of the W_o / W_down inputs (what the
+  quantizer sees, and before the Hadamard where there is one): kurtosis and
+  the largest per-channel energy share as means over layers, offset channels
+  summed over layers."""
+  stats = layer_stats(pre, docs, s.analysis_seqs)
+  out = {}
+  for site in ("o", "down"):
+    for stage in ("input", "pre_rotation"):
+      rows = [v for k, v in stats.items() if k.endswith(f"/{site}/{stage}")]
+      if rows:
+        out[f"{site}/{stage}"] = {
+            "kurtosis": float(np.mean([r["kurtosis"] for r in rows])),
+            "max_channel_energy": float(np.mean(
+                [r["max_channel_energy"] for r in rows])),
+            "offset_channels": float(np.sum(
+                [r["offset_channels"] for r in rows]))}
+  return out
+
+
+def score_rotated(run: study.Run, out: str, s: study.Settings, docs) -> dict:
+  """The rotated-domain picture of one run (cached apart from its PPL)."""
+  from bitnet_jax.inference import pretrained
+  return cached(out, f"{run.name}_rotated", lambda: {"sites": rotated_domain(
+      pretrained.load(os.path.join(out, "runs", run.name)), docs, s)})
+
+
 def score_run(run: study.Run, out: str, s: study.Settings, docs) -> dict:
   from bitnet_jax.inference import pretrained
   workdir = os.path.join(out, "runs", run.name)

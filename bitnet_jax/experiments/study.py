@@ -11,7 +11,8 @@ Table 5's "no rotation" model at 8 bits is BitNet b1.58 by construction (v2
 with hadamard=none computes exactly what b1.58 does), so its a4 run continues
 the b1.58 (a8) checkpoint instead of training a copy. Likewise BitNet a4.8's
 8-bit stage is b1.58 with the squared-ReLU GLU, the matched baseline of the
-v2 ReLU² runs.
+v2 ReLU² runs. v2_centred_a4 continues v2 (a8) with the mean-centred
+H-BitLinear of this project (layers.py), its offsets calibrated at the switch.
 
 Everything is resumable: a run whose summary.json reports its last step is
 not trained again (an interrupted one resumes from its checkpoints), and
@@ -43,6 +44,7 @@ class Run:
   hadamard: str = "activation"
   parent: str | None = None   # the a8 run an a4 run continues from
   activation: str = ""        # GLU; "" = the variant's (relu2 for a4.8)
+  mean_centre: bool = False   # centred H-BitLinear (offsets set at a4 start)
 
 
 RUNS = (
@@ -60,6 +62,8 @@ RUNS = (
     # a4.8's own a8 stage, which computes exactly that)
     Run("v2_relu2_a8", "v2", activation="relu2"),
     Run("v2_relu2_a4", "v2", 4, activation="relu2", parent="v2_relu2_a8"),
+    # this project's option: quantize H x - mu, mu calibrated at the switch
+    Run("v2_centred_a4", "v2", 4, parent="v2_a8", mean_centre=True),
 )
 RUN_BY_NAME = {r.name: r for r in RUNS}
 # Tables 2-3: attention-state bits evaluated on the v2 runs.
@@ -193,6 +197,7 @@ def run_config(run: Run, out: str, s: Settings,
                  d_model=s.d_model, d_ff=s.d_ff, num_heads=s.num_heads,
                  num_layers=s.num_layers, seq_len=s.seq_len)
   c.quant.hadamard = run.hadamard
+  c.quant.mean_centre = run.mean_centre
   c.data.update(source="text", paths=os.path.join(data_dir, "train.txt"),
                 tokenizer=os.path.join(data_dir, rundir.TOKENIZER),
                 batch_size=s.batch_size, eval_fraction=0.02)

@@ -147,13 +147,13 @@ def roofline(stats: hlo_stats.ProgramStats, chip: chips_lib.Chip) -> dict:
 
 def compile_step(config, devices):
   """(setup, compiled train step, seconds to compile) for `devices`."""
-  from bitnet_jax.training import trainer
-  setup = trainer.build(config, devices)
+  from bitnet_jax.training import run_setup
+  setup = run_setup.build(config, devices)
   bits = setup.model_cfg.act_bits
   start = time.time()
   with setup.context():
     lowered = setup.steps[bits].lower(setup.abstract,
-                                      trainer.abstract_batch(config, setup.mesh))
+                                      run_setup.abstract_batch(config, setup.mesh))
     try:
       compiled = lowered.compile()
     except Exception as e:  # the TPU compiler refuses what cannot fit

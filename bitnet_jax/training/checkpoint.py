@@ -250,6 +250,16 @@ def check_init_from(path: str, abstract_state) -> None:
     source.close()
 
 
+def init_from_params(path: str):
+  """The saved parameter tree (metadata, nothing read) of another run."""
+  directory, step = resolve_checkpoint(path)
+  source = Checkpointer("", read_only=True, directory=str(directory))
+  try:
+    return source.saved_params(step)
+  finally:
+    source.close()
+
+
 def restore_init_from(path: str, abstract_state, data_iter=None
                       ) -> tuple[Any, int, bool]:
   """Restore another run's state (a8 -> a4). Returns (state, step, data_ok)."""

@@ -7,35 +7,33 @@ train_step(state, batch) with explicit in/out shardings and the state donated
 writer -> every train.ckpt_every steps orbax saves {state, data iterator}.
 The a8 -> a4 switch: `quant.a4_start_step` swaps in the 4-bit train step
 (one recompile, same state); `init_from` continues another run's state.
+What the run compiles and shards is run_setup.py; with quant.mean_centre the
+loop calibrates the offsets where 4-bit training starts (centring.py).
 """
 from __future__ import annotations
 
-import contextlib
-import dataclasses
 import json
 import logging
 import signal
 from typing import Any
 
-import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
-import jax.numpy as jnp
 
-from bitnet_jax import defaults
 from bitnet_jax import rundir
 from bitnet_jax.data import corpus as corpus_lib
 from bitnet_jax.data import pipeline as data_lib
 from bitnet_jax.data import tokenizer as tokenizer_lib
 from bitnet_jax.errors import ConfigError, MissingInput, UserError
 from bitnet_jax.evaluation import activation_stats
-from bitnet_jax.model import ModelConfig, Transformer, count_params
+from bitnet_jax.model import Transformer, count_params
 from bitnet_jax.scale import sharding
+from bitnet_jax.training import centring
 from bitnet_jax.training import checkpoint as ckpt_lib
 from bitnet_jax.training import environment
 from bitnet_jax.training import metrics as metrics_lib
-from bitnet_jax.training import optimizer as optimizer_lib
 from bitnet_jax.training import train_step as step_lib
+from bitnet_jax.training.run_setup import Setup, build
 from bitnet_jax.training import workdir_lock
 
 
@@ -66,77 +64,14 @@ class FrozenIteratorState:
     return self._state
 
 
-@dataclasses.dataclass
-class Setup:
-  """What a run compiles and shards, built from the config alone."""
-  config: Any
-  model_cfg: ModelConfig
-  mesh: Any
-  rules: Any
-  tx: Any
-  abstract: Any            # unboxed ShapeDtypeStructs carrying shardings
-  state_sharding: Any
-  steps: dict              # act_bits -> jitted train step
-  eval_steps: dict         # act_bits -> jitted eval step
-  num_steps: int
-  stop_step: int
-  params_total: int
-  flops_per_token: float
-
-  def context(self) -> contextlib.ExitStack:
-    """Mesh + logical rules: activation sharding constraints resolve in here."""
-    stack = contextlib.ExitStack()
-    stack.enter_context(jax.set_mesh(self.mesh))
-    stack.enter_context(nn.logical_axis_rules(self.rules))
-    return stack
-
-  def bits_at(self, step: int) -> int:
-    a4 = self.config.quant.a4_start_step
-    return 4 if (a4 >= 0 and step >= a4) else self.model_cfg.act_bits
-
-
-def build(config, devices=None) -> Setup:
-  model_cfg = ModelConfig.from_config(config)
-  defaults.validate(config)
-  num_steps = config.train.num_steps
-  stop = defaults.stop_step(config)
-  mesh = sharding.make_mesh(config.mesh, devices)
-  sharding.check_batch_divides(config.data.batch_size, mesh,
-                               config.train.microbatches)
-  rules = sharding.logical_rules(config.mesh)
-  tx = optimizer_lib.make_optimizer(config.opt, num_steps)
-  boxed = step_lib.abstract_state(Transformer(model_cfg), tx)
-  state_sharding = sharding.state_shardings(boxed, mesh, rules)
-  abstract = jax.tree.map(
-      lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
-      nn.meta.unbox(boxed), state_sharding)
-  batch_sh, repl = sharding.batch_sharding(mesh), sharding.replicated(mesh)
-  bits = {model_cfg.act_bits}
-  if config.quant.a4_start_step >= 0:
-    bits.add(4)
-  steps, eval_steps = {}, {}
-  for b in bits:
-    model = Transformer(model_cfg.replace(act_bits=b))
-    steps[b] = jax.jit(step_lib.make_train_step(model, tx,
-                                                config.train.microbatches),
-                       in_shardings=(state_sharding, batch_sh),
-                       out_shardings=(state_sharding, repl), donate_argnums=0)
-    eval_steps[b] = jax.jit(step_lib.make_eval_step(model),
-                            in_shardings=(state_sharding.params, batch_sh),
-                            out_shardings=(repl, repl))
-  params = abstract.params
-  return Setup(config, model_cfg, mesh, rules, tx, abstract, state_sharding, steps,
-               eval_steps, num_steps, stop, count_params(params),
-               step_lib.flops_per_token(model_cfg, params))
-
-
-def abstract_batch(config, mesh):
-  shape = (config.data.batch_size, config.model.seq_len + 1)
-  spec = jax.ShapeDtypeStruct(shape, jnp.int32,
-                              sharding=sharding.batch_sharding(mesh))
-  keys = ["tokens"] + (["segment_ids", "positions"]
-                       if config.data.packing == "first_fit" else [])
-  return {k: spec for k in keys}
+def init_from_abstract(setup: Setup, path: str):
+  """What init_from's checkpoint is restored as: this config's state, or,
+  for a centred model continuing a parent saved without offsets, the
+  uncentred model's (centring.add_missing_offsets adds them)."""
+  if setup.uncentred is not None and not centring.offset_leaves(
+      ckpt_lib.init_from_params(path)):
+    return setup.uncentred
+  return setup.abstract
 
 
 def dry_run(config, topology: str = "", json_path: str = "") -> dict:
@@ -207,8 +142,11 @@ def initial_state(setup: Setup, config, ckpt: ckpt_lib.Checkpointer, data_iter):
     logging.info("resumed step %d from %s", step, ckpt.directory)
     return state, step, "resumed"
   if config.init_from:
+    target = init_from_abstract(setup, config.init_from)
     state, step, data_ok = ckpt_lib.restore_init_from(config.init_from,
-                                                       setup.abstract, data_iter)
+                                                       target, data_iter)
+    if target is not setup.abstract:
+      state = centring.add_missing_offsets(state, setup.abstract)
     logging.info("init_from %s: continuing at step %d with %d-bit activations "
                  "(optimizer state reused%s)", config.init_from, step,
                  setup.bits_at(step), "" if data_ok else "; data stream restarted")
@@ -266,7 +204,8 @@ def train(config, workdir: str, preemption: Preemption | None = None) -> dict:
 def _train_locked(setup: Setup, config, workdir: str, preemption) -> dict:
   if config.init_from and not ckpt_lib.has_checkpoint(workdir):
     # before the tokenizer (or anything else) is taken from that run
-    ckpt_lib.check_init_from(config.init_from, setup.abstract)
+    ckpt_lib.check_init_from(config.init_from,
+                             init_from_abstract(setup, config.init_from))
   metrics_lib.quiet_library_logs()
   metrics_lib.log_to_file(workdir)
   tokens_per_step = config.data.batch_size * config.model.seq_len
@@ -309,6 +248,7 @@ class Loop:
     self.window: list[dict] = []
     self.summarizers: dict[int, Any] = {}  # act_bits -> jitted summarizer
     self.summary: dict[str, Any] = {"first_loss": None}
+    self.centring = setup.model_cfg.mean_centre  # offsets still to check
 
   def consume(self, step: int, metrics) -> None:
     """Read one step's metrics (a host sync on that step only) and log."""
@@ -362,6 +302,21 @@ class Loop:
                  "highest kurtosis %.1f (%s)", step, len(stats),
                  float(stats[worst]["kurtosis"]), worst)
 
+  def calibrate(self, state, step: int):
+    """Mean-centring offsets from the next training batches (centring.py);
+    the data stream is rewound, so training sees the same batches."""
+    self.centring = False
+    if not centring.needs_calibration(state.params):
+      return state
+    rewind = self.data_iter.get_state()
+    batches = [sharding.global_batch(next(self.data_iter), self.setup.mesh)
+               for _ in range(centring.CALIBRATION_BATCHES)]
+    self.data_iter.set_state(rewind)
+    model = Transformer(self.setup.model_cfg.replace(act_bits=8, remat="none"))
+    params, sizes = centring.calibrate(state.params, model, batches)
+    centring.log_offsets(step, sizes)
+    return state.replace(params=params)
+
   def save(self, state, step: int, force: bool = False) -> None:
     self.ckpt.save(step, state, FrozenIteratorState(self.data_iter), force=force)
     self.last_ckpt = step
@@ -373,6 +328,8 @@ class Loop:
       bits = setup.bits_at(step)
       if step == self.config.quant.a4_start_step and step > start:
         logging.info("step %d: switching to 4-bit activations", step)
+      if bits == 4 and self.centring:
+        state = self.calibrate(state, step)
       batch = sharding.global_batch(next(self.data_iter), setup.mesh)
       state, metrics = setup.steps[bits](state, batch)
       if pending is not None:
