@@ -5,7 +5,8 @@ round by round (so drift in machine load hits both), medians of --rounds.
 Sections (--only=a,b to pick):
   hadamard   fwht (each block size) vs a same-shape elementwise pass
   quant      each quantizer vs the same elementwise pass
-  train      the tiny config's train step of every variant vs the `fp` step
+  train      the tiny config's train step of every variant vs the `fp` step,
+             with float and integer (quant.train_matmul=int8) matmuls
   data       the pipeline's tokens/s (both packings) vs the tiny trainer's
   decode     exported ternary model (int8 codes; 2-bit packed) vs the same
              size float model in bf16: decode tokens/s at batch 1, 8, 64
@@ -103,15 +104,20 @@ def _train_steps(small: bool):
       0, config.model.vocab_size,
       (config.data.batch_size, config.model.seq_len + 1)), jnp.int32)
   fns = {}
-  variants = ((("fp", 8), ("v2", 8)) if small else
-              (("fp", 8), ("b1.58", 8), ("v2", 8), ("v2", 4), ("a4.8", 4)))
-  for variant, bits in variants:
+  variants = ((("fp", 8, "float"), ("v2", 8, "float"), ("v2", 8, "int8"))
+              if small else
+              (("fp", 8, "float"), ("b1.58", 8, "float"), ("v2", 8, "float"),
+               ("v2", 4, "float"), ("a4.8", 4, "float"), ("b1.58", 8, "int8"),
+               ("v2", 8, "int8"), ("v2", 4, "int8"), ("a4.8", 4, "int8")))
+  for variant, bits, matmul in variants:
     config.model.variant, config.quant.act_bits = variant, bits
+    config.quant.train_matmul = matmul
     model = Transformer(ModelConfig.from_config(config))
     tx = optimizer.make_optimizer(config.opt, config.train.num_steps)
     state = jax.jit(train_step.unboxed_init(model, tx))(jax.random.PRNGKey(0))
     step = jax.jit(train_step.make_train_step(model, tx))
-    name = f"{variant} a{bits}" if variant != "fp" else "fp"
+    name = (f"{variant} a{bits}" + (" int8 matmul" if matmul == "int8" else "")
+            if variant != "fp" else "fp")
     fns[name] = functools.partial(lambda f, st: f(st, {"tokens": tokens})[1],
                                   step, state)
   return fns, tokens.shape[0] * (tokens.shape[1] - 1)

@@ -72,6 +72,10 @@ def base_config() -> ml_collections.ConfigDict:
   q.weight_scale = "projection"    # ternary absmean per projection (q, k, v, up,
                                    # gate each its own) | tensor (one per fused kernel)
   q.weights = "latent"             # latent (training) | int8 | packed (exported codes)
+  q.train_matmul = "auto"          # latent weights while training: float (fake-
+                                   # quantized values) | int8 (integer forward,
+                                   # STE backward, int8 FSDP gathers) | auto
+                                   # (int8 on TPU and CPU, float on GPU)
   q.mean_centre = False            # v2: H-BitLinear quantizes H x - mu and adds
                                    # Q_w(W) mu back; mu (the token-shared offset
                                    # of H x) is calibrated when 4-bit activations

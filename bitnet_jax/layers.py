@@ -36,8 +36,10 @@ from bitnet_jax import hadamard
 from bitnet_jax import packing
 from bitnet_jax import quant as quantizers
 from bitnet_jax import rotations
-from bitnet_jax.model_config import WEIGHT_FORMS
+from bitnet_jax import ternary_matmul
+from bitnet_jax.model_config import TRAIN_MATMULS, WEIGHT_FORMS
 from bitnet_jax.rotations import ROTATIONS, contract
+from bitnet_jax.scale import sharding
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,6 +59,10 @@ class QuantConfig:
       or 'packed' (2-bit codes, four per byte, unpacked on every call); both
       multiply integer activation codes by the ternary codes with int32
       accumulation and apply the two scales afterwards.
+    matmul: how latent weights multiply while training: 'float' (the
+      fake-quantized values in the compute dtype) or 'int8' (codes x codes,
+      int32 accumulation, straight-through backward: ternary_matmul.py);
+      both give the same gradients.
   """
   ternary_weights: bool = True
   act_bits: int | None = 8
@@ -64,6 +70,7 @@ class QuantConfig:
   topk_ratio: float | None = None
   hadamard_block_size: int = hadamard.DEFAULT_BLOCK_SIZE
   weights: str = "latent"
+  matmul: str = "float"
 
   def __post_init__(self):
     if self.act_bits not in (8, 4, None):
@@ -82,6 +89,14 @@ class QuantConfig:
                        "activation bits")
     if self.topk_ratio is not None:
       quantizers.topk_count(1, self.topk_ratio)  # validates the range
+    if self.matmul not in TRAIN_MATMULS:
+      raise ValueError(f"matmul must be one of {TRAIN_MATMULS}"
+                       f", got {self.matmul!r}")
+    if self.matmul == "int8" and (self.act_bits is None or
+                                  not self.ternary_weights or
+                                  self.int4_scale != "absmean"):
+      raise ValueError("the integer training matmul needs ternary weights "
+                       "and 8-bit or absmean 4-bit activations")
 
   @classmethod
   def off(cls) -> "QuantConfig":
@@ -99,14 +114,6 @@ def _kernel(module: nn.Module, in_dim: int, features: Sequence[int],
 
 def _as_tuple(features: int | Sequence[int]) -> tuple[int, ...]:
   return (features,) if isinstance(features, int) else tuple(features)
-
-
-def integer_matmul(x_codes: jax.Array, w_codes: jax.Array) -> jax.Array:
-  """int8 activation codes [..., in] . int8 ternary codes [in, *out], exact
-  int32 accumulation."""
-  return jax.lax.dot_general(x_codes, w_codes,
-                             (((x_codes.ndim - 1,), (0,)), ((), ())),
-                             preferred_element_type=jnp.int32)
 
 
 class RMSNorm(nn.Module):
@@ -191,32 +198,39 @@ class BitLinear(nn.Module):
     if cfg.topk_ratio is not None:
       x = quantizers.sparsify_topk(x, cfg.topk_ratio)
     # exported codes: integer matmul, scales afterwards
+    groups = self.scale_groups
     if cfg.weights != "latent":
       w_codes, w_scale = weights
       x_codes, x_scale = quantizers.activation_codes(x, cfg.act_bits)
-      acc = integer_matmul(x_codes, w_codes)
-      if self.scale_groups is not None:  # over the output axes of the kernel
-        axis, segments = self.scale_groups
-        w_scale = quantizers.spread(w_scale, (axis - 1, segments),
-                                    w_codes.ndim - 1)
-      x_scale = x_scale.reshape(*x_scale.shape[:-1],
-                                *([1] * (acc.ndim - x_scale.ndim + 1)))
-      y = acc.astype(jnp.float32) * (x_scale * w_scale)
+      y = ternary_matmul.scale_product(
+          ternary_matmul.integer_matmul(x_codes, w_codes), x_scale, w_scale,
+          groups, w_codes.ndim - 1)
       if mu is not None:  # + Q_w(W) mu, a bias
-        y = y + contract(mu.astype(jnp.float32),
-                         w_codes.astype(jnp.float32)) * w_scale
+        w_q = w_codes.astype(jnp.float32) * quantizers.spread(
+            w_scale, groups, w_codes.ndim)
+        y = y + contract(mu.astype(jnp.float32), w_q)
       return y.astype(self.dtype)
+    w = weights
+    if self.rotation == "weight_and_activation":
+      w = rotations.rotate_input_axis(w, block)
+    if cfg.matmul == "int8":  # integer forward, straight-through backward
+      self.sow("intermediates", "quantized_input",
+               quantizers.quantize_activations(x, cfg.act_bits))
+      y = ternary_matmul.ste_integer_matmul(
+          x, w, cfg.act_bits, groups, self.dtype,
+          sharding.matmul_layouts(self.kernel_axes))
+      if mu is not None:
+        y = y + contract(mu.astype(self.dtype), quantizers.quantize_weights_ternary(
+            w, groups).astype(self.dtype))
+      return y
     # activation quantizer
     x = quantizers.quantize_activations(x, cfg.act_bits, cfg.int4_scale)
     self.sow("intermediates", "quantized_input", x)
     if ptq and not self.fused:
       x = rotations.ptq_unrotate(x, self.rotation, rot, block)
     # weight form
-    w = weights
-    if self.rotation == "weight_and_activation":
-      w = rotations.rotate_input_axis(w, block)
     if cfg.ternary_weights:
-      w = quantizers.quantize_weights_ternary(w, self.scale_groups)
+      w = quantizers.quantize_weights_ternary(w, groups)
     y = contract(x.astype(self.dtype), w.astype(self.dtype))
     if mu is not None:
       y = y + contract(mu.astype(self.dtype), w.astype(self.dtype))

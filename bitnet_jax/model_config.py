@@ -21,6 +21,11 @@ VARIANTS = ("fp", "b1.58", "v2", "a4.8")
 HADAMARD = ("none", "activation", "weight_and_activation")
 PTQ_ROTATIONS = ("none", "random_hadamard", "learned")
 WEIGHT_FORMS = ("latent", "int8", "packed")
+TRAIN_MATMULS = ("float", "int8")   # how latent weights multiply in training
+# quant.train_matmul='auto' by backend, from measurements (README, "Integer
+# matmuls in training"): int8 on TPU (compiled estimate) and CPU (bench);
+# float on GPU until a GPU step has been measured
+AUTO_TRAIN_MATMUL = {"tpu": "int8", "cpu": "int8"}
 WEIGHT_SCALES = ("projection", "tensor")
 REMAT_POLICIES = {
     "none": None,
@@ -66,6 +71,7 @@ class ModelConfig:
   weight_scale: str = "projection"    # absmean per projection | per tensor
   weights: str = "latent"             # 'int8' / 'packed': exported inference
   quantized: bool = True              # False: float weights and activations
+  train_matmul: str = "auto"          # 'int8': integer forward while training
   mean_centre: bool = False           # v2: centred H-BitLinear (offset mu)
 
   def __post_init__(self):
@@ -93,6 +99,7 @@ class ModelConfig:
     one_of("attention_impl", ("", "xla", "cudnn"))
     one_of("weight_scale", WEIGHT_SCALES)
     one_of("activation", ("", "swiglu", "relu2"))
+    one_of("train_matmul", ("auto",) + TRAIN_MATMULS)
     for field in ("q_bits", "kv_bits"):
       bits = getattr(self, field)
       if bits and not 2 <= bits <= 8:
@@ -142,6 +149,12 @@ class ModelConfig:
   @property
   def compute_dtype(self):
     return DTYPES[self.dtype]
+
+  def for_platform(self, platform: str) -> "ModelConfig":
+    """train_matmul='auto' resolved for a backend ('cpu', 'tpu', 'gpu')."""
+    if self.train_matmul != "auto":
+      return self
+    return self.replace(train_matmul=AUTO_TRAIN_MATMUL.get(platform, "float"))
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)

@@ -20,11 +20,14 @@ rotation ablation (Table 5); `ptq_rotation` turns a b1.58 model into a
 post-training rotation baseline (Table 4: absmax INT4 activations, rotation
 R at every input, fused into W_o / W_down and optionally into the others);
 `quantized=False` is the float reference (same rotations, no quantizers);
-`weights` is the exported integer form.
+`weights` is the exported integer form; `train_matmul='int8'` multiplies
+latent weights as integer codes (ternary_matmul.py), same gradients.
 """
 from __future__ import annotations
 
 import dataclasses
+
+import jax
 
 from bitnet_jax import sites
 from bitnet_jax.layers import QuantConfig
@@ -66,9 +69,19 @@ def linear(cfg: ModelConfig, role: str) -> LinearPolicy:
     topk = (cfg.topk_ratio_o if role == "o" else cfg.topk_ratio_down) or None
   return LinearPolicy(QuantConfig(act_bits=bits, topk_ratio=topk,
                                   hadamard_block_size=block,
-                                  weights=cfg.weights), rotation,
+                                  weights=cfg.weights,
+                                  matmul=train_matmul(cfg)), rotation,
                       scale_groups=scale_groups(cfg, role),
                       centre=cfg.mean_centre and rotation != "none")
+
+
+def train_matmul(cfg: ModelConfig) -> str:
+  """How latent weights multiply: 'float' or 'int8' (exported weights always
+  multiply as integers; 'auto' resolves for this process's backend, or for
+  the devices a run is built for: ModelConfig.for_platform)."""
+  if cfg.weights != "latent":
+    return "float"
+  return cfg.for_platform(jax.default_backend()).train_matmul
 
 
 def scale_groups(cfg: ModelConfig, role: str):

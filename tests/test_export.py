@@ -14,7 +14,8 @@ from conftest import subprocess_env
 from bitnet_jax import packing
 from bitnet_jax.inference import exported as export
 from bitnet_jax.inference import pretrained
-from bitnet_jax.layers import BitLinear, QuantConfig, integer_matmul
+from bitnet_jax.layers import BitLinear, QuantConfig
+from bitnet_jax.ternary_matmul import integer_matmul
 from bitnet_jax.model import ModelConfig, Transformer
 
 from np_reference import np_hadamard, np_ternary

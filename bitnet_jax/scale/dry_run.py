@@ -101,19 +101,28 @@ def zero3_payload(setup, config) -> float:
   dtype for the forward pass, again for the rematerialised one, and its
   gradient reduce-scattered, once per microbatch; where `data` replicates
   it, its gradient (shard) is all-reduced once per step. The embedding table
-  is looked up by rows (an all-to-all of activations), not gathered."""
-  itemsize = jnp.dtype(setup.model_cfg.compute_dtype).itemsize
-  passes = 3 if setup.model_cfg.remat == "full" else 2
+  is looked up by rows (an all-to-all of activations), not gathered. With
+  quant.train_matmul='int8' the quantized kernels are gathered as int8 codes
+  (1 byte), their gradients still in the compute dtype."""
+  from bitnet_jax import policy, sites
+  cfg = setup.model_cfg
+  itemsize = jnp.dtype(cfg.compute_dtype).itemsize
+  gathers = 2 if cfg.remat == "full" else 1
   data = setup.mesh.shape["data"]
   total = 0.0
   for path, leaf in jax.tree_util.tree_flatten_with_path(setup.abstract.params)[0]:
-    if getattr(path[0], "key", "") == "embed" and not setup.model_cfg.tie_embeddings:
+    if getattr(path[0], "key", "") == "embed" and not cfg.tie_embeddings:
       continue
+    keys = [getattr(p, "key", "") for p in path]
+    found = sites.locate(keys) if sites.is_weight_matrix(keys) else None
+    quant = policy.linear(cfg, found.site.name).quant if found else None
+    gathered = 1 if quant and quant.matmul == "int8" else itemsize
     axes = _axes(leaf)
     local = math.prod(leaf.shape) / math.prod(setup.mesh.shape[a] for a in axes)
     fsdp = math.prod(setup.mesh.shape[a] for a in axes if a == "fsdp")
     if fsdp > 1:
-      total += local * fsdp * itemsize * passes * config.train.microbatches
+      total += (local * fsdp * (gathered * gathers + itemsize)
+                * config.train.microbatches)
     if data > 1:
       total += local * itemsize
   return total
@@ -173,6 +182,17 @@ def report(config, topology: str = "") -> dict[str, Any]:
   return summarize(config, setup, compiled, chip, topology, seconds)
 
 
+def by_dtype(stats: hlo_stats.ProgramStats) -> dict[str, float]:
+  """Collective payload bytes per step by element type ("all-reduce u32":
+  the TPU compiler packs int8 gathers four to a u32)."""
+  out: dict[str, float] = {}
+  for c in stats.collectives:
+    for dtype, _ in hlo_stats.arrays(c.shape)[:1]:
+      key = f"{c.kind} {dtype}"
+      out[key] = out.get(key, 0.0) + c.payload * c.count
+  return out
+
+
 def summarize(config, setup, compiled, chip: chips_lib.Chip | None,
               topology: str = "", seconds: float = 0.0) -> dict[str, Any]:
   devices = list(setup.mesh.devices.flat)
@@ -201,7 +221,7 @@ def summarize(config, setup, compiled, chip: chips_lib.Chip | None,
       tokens_per_chip=tokens, model_flops=model_fpt * tokens,
       needed_flops=needed_fpt * tokens, program_flops=stats.matmul_flops,
       program_flops_by_dtype=stats.flops, hbm_bytes=stats.hbm_bytes,
-      collectives=stats.by_kind(),
+      collectives=stats.by_kind(), collectives_by_dtype=by_dtype(stats),
       collective_payload=stats.collective_bytes(),
       zero3_payload=zero3_payload(setup, config),
       unknown_trip_counts=stats.unknown_trip_counts)
@@ -227,11 +247,21 @@ def format_report(r: dict[str, Any]) -> str:
       f"{r['needed_flops']:.3e} (ratio {r['program_flops'] / r['needed_flops']:.2f})",
       f"  HBM traffic per chip (estimate): {g(r['hbm_bytes'])}",
   ]
+  by = r.get("program_flops_by_dtype") or {}
+  if sum(by.values()):
+    lines.insert(3, "  matmul FLOPs by operand type: " + ", ".join(
+        f"{k} {100 * v / sum(by.values()):.0f}%" for k, v in
+        sorted(by.items(), key=lambda kv: -kv[1])))
   kinds = ", ".join(f"{k} {v['count']:.0f}x {g(v['payload_bytes'])}"
                     for k, v in sorted(r["collectives"].items())) or "none"
   lines.append(f"  collectives per chip: {kinds}; payload "
                f"{g(r['collective_payload'])}, needed (ZeRO-3 / data parallel) "
                f"{g(r['zero3_payload'])}")
+  big = {k: v for k, v in r.get("collectives_by_dtype", {}).items()
+         if v >= 0.01 * max(r["collective_payload"], 1.0)}
+  if big:
+    lines.append("  collective payload by element type: " + ", ".join(
+        f"{k} {g(v)}" for k, v in sorted(big.items(), key=lambda kv: -kv[1])))
   if r["unknown_trip_counts"]:
     lines.append(f"  warning: loops counted once (no trip count): "
                  f"{r['unknown_trip_counts']}")

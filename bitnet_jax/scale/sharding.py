@@ -93,6 +93,24 @@ def feature_split(logical_axis: str | None, batch: int):
   return axis, mesh.shape[axis], batch_axes
 
 
+def matmul_layouts(logical_axes) -> tuple[P, P] | None:
+  """(stored, gathered) layouts of a kernel with these logical axes: its
+  parameter sharding, and where a matmul uses it (without the batch axes
+  data and fsdp: gathered for FSDP, still split for tensor parallelism);
+  None when no mesh or rules are in context."""
+  rules = nn.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty:
+    return None
+  spec = nn.logical_to_mesh_axes(tuple(logical_axes), rules)
+
+  def keep(axis):
+    names = axis if isinstance(axis, tuple) else (axis,) if axis else ()
+    kept = tuple(a for a in names if a not in BATCH_AXES)
+    return kept[0] if len(kept) == 1 else (kept or None)
+  return spec, P(*(keep(a) for a in spec))
+
+
 def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 

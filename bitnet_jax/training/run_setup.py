@@ -55,6 +55,7 @@ def build(config, devices=None) -> Setup:
   num_steps = config.train.num_steps
   stop = defaults.stop_step(config)
   mesh = sharding.make_mesh(config.mesh, devices)
+  model_cfg = model_cfg.for_platform(mesh.devices.flat[0].platform)
   sharding.check_batch_divides(config.data.batch_size, mesh,
                                config.train.microbatches)
   rules = sharding.logical_rules(config.mesh)
