@@ -198,6 +198,9 @@ def run_config(run: Run, out: str, s: Settings,
                  num_layers=s.num_layers, seq_len=s.seq_len)
   c.quant.hadamard = run.hadamard
   c.quant.mean_centre = run.mean_centre
+  # float matmuls, as the committed study was trained (same gradients as
+  # int8; its forward differs by float rounding)
+  c.quant.train_matmul = "float"
   c.data.update(source="text", paths=os.path.join(data_dir, "train.txt"),
                 tokenizer=os.path.join(data_dir, rundir.TOKENIZER),
                 batch_size=s.batch_size, eval_fraction=0.02)
