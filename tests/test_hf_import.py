@@ -1,0 +1,200 @@
+"""Hugging Face BitNet checkpoints (the transformers layout, tiny and random,
+written here) imported and run: logits against an independent float64 numpy
+forward of that architecture (ReLU² GLU, sub-norms, GQA, RoPE, per-projection
+absmean ternary weights, per-token absmax INT8 activations)."""
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from bitnet_jax.hf import layout, weights
+from bitnet_jax.model import ModelConfig, Transformer
+
+HF = {"model_type": "bitnet", "vocab_size": 96, "hidden_size": 64,
+      "intermediate_size": 128, "num_hidden_layers": 2,
+      "num_attention_heads": 4, "num_key_value_heads": 2,
+      "hidden_act": "relu2", "max_position_embeddings": 32,
+      "rope_theta": 500000.0, "rms_norm_eps": 1e-5,
+      "tie_word_embeddings": False,
+      "quantization_config": {"quant_method": "bitnet",
+                              "linear_class": "autobitlinear",
+                              "quantization_mode": "offline"}}
+EPS = 1e-5
+SHAPES = {"q_proj": ("H*E", "D"), "k_proj": ("K*E", "D"), "v_proj": ("K*E", "D"),
+          "o_proj": ("D", "H*E"), "gate_proj": ("F", "D"), "up_proj": ("F", "D"),
+          "down_proj": ("D", "F")}
+
+
+def dims(hf):
+  e = hf["hidden_size"] // hf["num_attention_heads"]
+  return {"D": hf["hidden_size"], "F": hf["intermediate_size"],
+          "H*E": hf["num_attention_heads"] * e,
+          "K*E": hf["num_key_value_heads"] * e}
+
+
+def hf_pack(codes):
+  """transformers' packing written out: value + 1 of output row j goes to
+  row j % R, bits 2 * (j // R), R = rows / 4."""
+  rows = codes.shape[0] // 4
+  packed = np.zeros((rows, codes.shape[1]), np.uint8)
+  for j in range(codes.shape[0]):
+    packed[j % rows] |= (codes[j] + 1).astype(np.uint8) << (2 * (j // rows))
+  return packed
+
+
+def checkpoint(form: str, hf=HF, seed=0):
+  """{name: array} of a random model in the HF layout; `master` holds float
+  weights (bf16-representable), `packed` uint8 codes and weight_scale."""
+  rng = np.random.default_rng(seed)
+  d = dims(hf)
+  t = {}
+
+  def bf16(x):
+    return np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))
+
+  for i in range(hf["num_hidden_layers"]):
+    for proj, (rows, cols) in SHAPES.items():
+      name = layout.projection_name(i, proj)
+      shape = (d[rows], d[cols])
+      if form == "master":
+        t[name] = bf16(rng.standard_normal(shape) * 0.05)
+      else:
+        codes = rng.choice([-1, 0, 1], size=shape, p=[0.3, 0.4, 0.3])
+        t[name] = hf_pack(codes)
+        t[name[:-len("weight")] + "weight_scale"] = np.asarray(
+            [rng.uniform(0.02, 0.08)], np.float32)
+    for norm, width in (("input_layernorm", "D"), ("self_attn.attn_sub_norm", "D"),
+                        ("post_attention_layernorm", "D"), ("mlp.ffn_sub_norm", "F")):
+      t[f"{layout.layer_prefix(i)}{norm}.weight"] = bf16(
+          rng.uniform(0.5, 1.5, d[width]))
+  t["model.embed_tokens.weight"] = bf16(rng.standard_normal((hf["vocab_size"], d["D"])))
+  t["model.norm.weight"] = bf16(rng.uniform(0.5, 1.5, d["D"]))
+  if not hf["tie_word_embeddings"]:
+    t["lm_head.weight"] = bf16(rng.standard_normal((hf["vocab_size"], d["D"])) * 0.05)
+  return t
+
+
+# --- the float64 reference --------------------------------------------------
+
+
+def ref_unpack(packed):
+  rows = packed.shape[0]
+  out = np.zeros((4 * rows, packed.shape[1]))
+  for j in range(4 * rows):
+    out[j] = ((packed[j % rows] >> (2 * (j // rows))) & 3).astype(np.float64) - 1
+  return out
+
+
+def ref_weight(t, name):
+  """The ternary weight [out, in] the checkpoint means (float64)."""
+  w = t[name]
+  if w.dtype == np.uint8:
+    return ref_unpack(w) * float(t[name[:-len("weight")] + "weight_scale"][0])
+  w = w.astype(np.float64)
+  alpha = np.mean(np.abs(w))
+  return np.clip(np.round(w / (alpha + EPS)), -1, 1) * alpha
+
+
+def ref_act(x):
+  gamma = np.max(np.abs(x), axis=-1, keepdims=True)
+  return np.clip(np.round(x * 127 / (gamma + EPS)), -128, 127) * gamma / 127
+
+
+def ref_norm(x, w, eps):
+  return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + eps) * w
+
+
+def ref_rope(x, theta):  # x [T, heads, E]; rotate-half
+  t, _, e = x.shape
+  inv = 1.0 / theta ** (np.arange(0, e, 2) / e)
+  ang = np.arange(t)[:, None] * inv[None]
+  cos = np.concatenate([np.cos(ang)] * 2, -1)[:, None]
+  sin = np.concatenate([np.sin(ang)] * 2, -1)[:, None]
+  half = np.concatenate([-x[..., e // 2:], x[..., : e // 2]], -1)
+  return x * cos + half * sin
+
+
+def ref_logits(t, hf, tokens):
+  d, eps = dims(hf), hf["rms_norm_eps"]
+  heads, kv = hf["num_attention_heads"], hf["num_key_value_heads"]
+  e = hf["hidden_size"] // heads
+  h = t["model.embed_tokens.weight"].astype(np.float64)[tokens]
+  T = len(tokens)
+  for i in range(hf["num_hidden_layers"]):
+    p = layout.layer_prefix(i)
+    W = lambda proj: ref_weight(t, layout.projection_name(i, proj))  # noqa: E731
+    x = ref_act(ref_norm(h, t[p + "input_layernorm.weight"], eps))
+    q = (x @ W("q_proj").T).reshape(T, heads, e)
+    k = (x @ W("k_proj").T).reshape(T, kv, e)
+    v = (x @ W("v_proj").T).reshape(T, kv, e)
+    q, k = ref_rope(q, hf["rope_theta"]), ref_rope(k, hf["rope_theta"])
+    out = np.zeros((T, heads, e))
+    for hd in range(heads):
+      kvh = hd // (heads // kv)
+      s = q[:, hd] @ k[:, kvh].T / math.sqrt(e)
+      s = np.where(np.tril(np.ones((T, T))) > 0, s, -np.inf)
+      a = np.exp(s - s.max(-1, keepdims=True))
+      out[:, hd] = (a / a.sum(-1, keepdims=True)) @ v[:, kvh]
+    o = ref_norm(out.reshape(T, heads * e), t[p + "self_attn.attn_sub_norm.weight"], eps)
+    h = h + ref_act(o) @ W("o_proj").T
+    x = ref_act(ref_norm(h, t[p + "post_attention_layernorm.weight"], eps))
+    f = np.maximum(x @ W("gate_proj").T, 0) ** 2 * (x @ W("up_proj").T)
+    f = ref_norm(f, t[p + "mlp.ffn_sub_norm.weight"], eps)
+    h = h + ref_act(f) @ W("down_proj").T
+  h = ref_norm(h, t["model.norm.weight"], eps)
+  head = t["model.embed_tokens.weight"] if hf["tie_word_embeddings"] else \
+      t["lm_head.weight"]
+  return h @ head.astype(np.float64).T
+
+
+# --- tests -------------------------------------------------------------------
+
+
+def test_packing_is_transformers_layout():
+  codes = np.random.default_rng(0).choice([-1, 0, 1], size=(16, 6)).astype(np.int8)
+  np.testing.assert_array_equal(layout.pack(codes), hf_pack(codes))
+  np.testing.assert_array_equal(layout.unpack(hf_pack(codes)), codes)
+  np.testing.assert_array_equal(ref_unpack(layout.pack(codes)), codes)
+
+
+@pytest.mark.parametrize("form,tied", [("master", False), ("packed", False),
+                                       ("packed", True)])
+def test_imported_logits_match_the_float64_reference(form, tied):
+  hf = dict(HF, tie_word_embeddings=tied)
+  t = checkpoint(form, hf)
+  cfg = ModelConfig(**dict(layout.model_overrides(hf), seq_len=16))
+  assert cfg.activation == "relu2" and cfg.kv_heads == 2
+  params = jax.tree.map(jnp.asarray, weights.to_params(t, hf))
+  tokens = np.random.default_rng(1).integers(0, hf["vocab_size"], 12)
+  got = np.asarray(Transformer(cfg).apply({"params": params},
+                                          jnp.asarray(tokens[None])))[0]
+  want = ref_logits(t, hf, tokens)
+  err = np.abs(got - want) / (np.abs(want).max() + 1e-9)
+  # float32 vs float64; an activation code may round the other way at a tie
+  assert np.median(err) < 1e-5 and err.max() < 1e-2, (np.median(err), err.max())
+
+
+def test_packed_import_keeps_codes_and_scales_exactly():
+  """Latent W = codes * alpha / mean|codes| quantizes back to the codes and
+  to alpha itself (per projection)."""
+  from bitnet_jax import quant
+  t = checkpoint("packed")
+  params = weights.to_params(t, HF)
+  qkv = params["layers"]["attn"]["qkv"]["kernel"][0]     # [D, K, G+2, E]
+  codes, alpha = quant.ternary_codes(jnp.asarray(qkv), (2, (0, 0, 1, 2)))
+  name = layout.projection_name(0, "k_proj")
+  want = ref_unpack(t[name]).T.reshape(64, 2, 16)
+  np.testing.assert_array_equal(np.asarray(codes)[:, :, 2], want)
+  np.testing.assert_allclose(float(alpha[1]),
+                             float(t[name[:-6] + "weight_scale"][0]), rtol=1e-6)
+
+
+def test_config_errors_are_clear():
+  with pytest.raises(ValueError, match="not bitnet"):
+    layout.model_overrides(dict(HF, model_type="llama"))
+  with pytest.raises(KeyError, match="lm_head.weight is missing"):
+    t = checkpoint("master")
+    del t["lm_head.weight"]
+    weights.to_params(t, HF)
