@@ -29,7 +29,8 @@ import ml_collections
 from bitnet_jax.errors import MissingInput, UserError
 
 CONFIG = "config.json"
-TOKENIZER = "tokenizer.model"
+TOKENIZER = "tokenizer.model"          # sentencepiece
+TOKENIZER_JSON = "tokenizer.json"      # Hugging Face tokenizers (imported runs)
 CHECKPOINTS = "checkpoints"
 METRICS = "metrics.jsonl"
 LOG = "train.log"
@@ -111,7 +112,11 @@ class RunDir:
 
   @property
   def own_tokenizer(self) -> epath.Path:
-    return self.path / TOKENIZER
+    """Its tokenizer file: tokenizer.model, or tokenizer.json when only that
+    exists (a run imported from Hugging Face, or continuing one)."""
+    json_file = self.path / TOKENIZER_JSON
+    model = self.path / TOKENIZER
+    return json_file if json_file.exists() and not model.exists() else model
 
   def tokenizer_path(self, config) -> epath.Path:
     """The tokenizer the run used: the configured file, else its own copy."""

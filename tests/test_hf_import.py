@@ -3,6 +3,7 @@ written here) imported and run: logits against an independent float64 numpy
 forward of that architecture (ReLU² GLU, sub-norms, GQA, RoPE, per-projection
 absmean ternary weights, per-token absmax INT8 activations)."""
 import math
+import os
 
 import jax
 import jax.numpy as jnp
@@ -63,8 +64,8 @@ def checkpoint(form: str, hf=HF, seed=0):
       else:
         codes = rng.choice([-1, 0, 1], size=shape, p=[0.3, 0.4, 0.3])
         t[name] = hf_pack(codes)
-        t[name[:-len("weight")] + "weight_scale"] = np.asarray(
-            [rng.uniform(0.02, 0.08)], np.float32)
+        t[name[:-len("weight")] + "weight_scale"] = bf16(
+            [rng.uniform(0.02, 0.08)])
     for norm, width in (("input_layernorm", "D"), ("self_attn.attn_sub_norm", "D"),
                         ("post_attention_layernorm", "D"), ("mlp.ffn_sub_norm", "F")):
       t[f"{layout.layer_prefix(i)}{norm}.weight"] = bf16(
@@ -117,7 +118,7 @@ def ref_rope(x, theta):  # x [T, heads, E]; rotate-half
 
 
 def ref_logits(t, hf, tokens):
-  d, eps = dims(hf), hf["rms_norm_eps"]
+  eps = hf["rms_norm_eps"]
   heads, kv = hf["num_attention_heads"], hf["num_key_value_heads"]
   e = hf["hidden_size"] // heads
   h = t["model.embed_tokens.weight"].astype(np.float64)[tokens]
@@ -198,3 +199,84 @@ def test_config_errors_are_clear():
     t = checkpoint("master")
     del t["lm_head.weight"]
     weights.to_params(t, HF)
+
+
+def write_hf_dir(path, form: str, documents, vocab=320):
+  """A Hugging Face BitNet directory: config.json, model.safetensors (bf16
+  master weights or packed uint8 + weight_scale) and a byte-level BPE
+  tokenizer.json trained with `tokenizers`."""
+  import json
+  from safetensors.flax import save_file
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  hf = dict(HF, vocab_size=vocab)
+  t = checkpoint(form, hf)
+  path.mkdir(parents=True, exist_ok=True)
+  save_file({k: (jnp.asarray(v) if v.dtype == np.uint8 else
+                 jnp.asarray(v, jnp.bfloat16)) for k, v in t.items()},
+            str(path / "model.safetensors"))
+  (path / "config.json").write_text(json.dumps(hf))
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(documents, trainers.BpeTrainer(
+      vocab_size=vocab - 20, special_tokens=["<|begin_of_text|>",
+                                             "<|end_of_text|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.save(str(path / "tokenizer.json"))
+  return hf, t
+
+
+@pytest.mark.parametrize("form", ["master", "packed"])
+def test_import_writes_a_run_that_loads_and_evaluates(tmp_path, documents,
+                                                      form):
+  from bitnet_jax.evaluation.perplexity import perplexity
+  from bitnet_jax.hf import importer
+  from bitnet_jax.inference import pretrained
+  hf, t = write_hf_dir(tmp_path / "hf", form, documents)
+  run = str(tmp_path / "run")
+  info = importer.import_checkpoint(str(tmp_path / "hf"), run, seq_len=16)
+  assert info["form"] == form
+  pre = pretrained.load(run)
+  assert pre.model_cfg.activation == "relu2" and pre.step == 0
+  assert pre.tokenizer.bos_id == 0 and pre.tokenizer.eos_id == 1
+  text = documents[0][:200]
+  assert pre.tokenizer.decode(pre.tokenizer.encode(text)) == text
+  tokens = np.asarray(pre.tokenizer.encode(text)[:12])
+  got = np.asarray(pre.model.apply({"params": pre.params},
+                                   jnp.asarray(tokens[None])))[0]
+  want = ref_logits(t, hf, tokens)
+  err = np.abs(got - want) / np.abs(want).max()
+  assert np.median(err) < 1e-5 and err.max() < 1e-2
+  assert np.isfinite(perplexity(pre, documents[:3], batch_size=2)["ppl"])
+  with pytest.raises(Exception, match="already holds checkpoints"):
+    importer.import_checkpoint(str(tmp_path / "hf"), run, seq_len=16)
+
+
+@pytest.mark.slow
+def test_imported_run_continues_training(tmp_path, documents, corpus_file):
+  """train --config.init_from=<imported run>: the tokenizer.json travels
+  with it, the schedule starts at step 0, losses are finite."""
+  import json
+  import subprocess
+  import sys
+  from conftest import subprocess_env
+  write_hf_dir(tmp_path / "hf", "packed", documents)
+  run, tuned = str(tmp_path / "run"), str(tmp_path / "tuned")
+  out = subprocess.run([sys.executable, "-m", "bitnet_jax.hf", "import",
+                        f"--hf_dir={tmp_path / 'hf'}", f"--workdir={run}",
+                        "--seq_len=32"], capture_output=True, text=True,
+                       env=subprocess_env())
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert "packed weights" in out.stdout
+  from bitnet_jax.training import trainer
+  from conftest import small_run_config
+  config = small_run_config(corpus_file, **{
+      "train.stop_step": 3, "train.require_init_from": True})
+  config.model = pytest.importorskip("bitnet_jax.rundir").RunDir(
+      run).read_config().model
+  config.init_from = run
+  summary = trainer.train(config, tuned)
+  assert summary["origin"] == "init_from" and summary["start_step"] == 0
+  assert os.path.exists(os.path.join(tuned, "tokenizer.json"))
+  rows = [json.loads(l) for l in open(os.path.join(tuned, "metrics.jsonl"))]
+  assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]

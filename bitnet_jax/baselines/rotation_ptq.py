@@ -249,7 +249,7 @@ def write_run(pre, out: str, cfg: ModelConfig, params, info: dict) -> None:
   run = rundir.RunDir(out)
   run.prepare()
   run.write_config(config)
-  pre.tokenizer.save(run.own_tokenizer)
+  pre.tokenizer.save(run.path / pre.tokenizer.filename)
   writer = ckpt_lib.Checkpointer(out, keep=1, async_save=False)
   writer.save(pre.step, {"step": jnp.asarray(pre.step, jnp.int32),
                          "params": params}, None, force=True)

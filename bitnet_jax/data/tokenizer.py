@@ -1,4 +1,6 @@
-"""SentencePiece tokenizers: load a .model file, or train one into the workdir.
+"""Tokenizers: load a sentencepiece .model (or a Hugging Face tokenizer.json:
+json_tokenizer.py, chosen by `load` from the file name), or train one into
+the workdir.
 
 `Tokenizer` is a picklable wrapper (grain workers run in other processes): it
 pickles the serialized model and loads the processor lazily on first use.
@@ -26,6 +28,7 @@ from bitnet_jax.errors import InputError, MissingInput
 
 class Tokenizer:
   """A sentencepiece model; cheap to pickle (ships the model bytes)."""
+  filename = rundir.TOKENIZER
 
   def __init__(self, model_proto: bytes, source: str = "<bytes>"):
     self._proto = bytes(model_proto)
@@ -88,6 +91,15 @@ class Tokenizer:
     tmp.replace(p)  # atomic, and overwrites an older model
 
 
+def load(path: str | os.PathLike):
+  """The tokenizer in a file: a Hugging Face tokenizer.json (any *.json) or
+  a sentencepiece model."""
+  if os.fspath(path).endswith(".json"):
+    from bitnet_jax.data.json_tokenizer import JsonTokenizer
+    return JsonTokenizer.load(path)
+  return Tokenizer.load(path)
+
+
 def train_tokenizer(docs: Iterable[str], vocab_size: int,
                     num_threads: int = 2) -> Tokenizer:
   """Train an exact-round-trip BPE model (ids: pad 0, unk 1, bos 2, eos 3)."""
@@ -124,7 +136,7 @@ def get_tokenizer(path: str, workdir: str | None, vocab_size: int,
       others wait at the barrier, then read the cached file.
   """
   if path:
-    tok = Tokenizer.load(path)
+    tok = load(path)
   else:
     if not workdir:
       raise InputError("no tokenizer path and no workdir to cache one in")
@@ -133,8 +145,8 @@ def get_tokenizer(path: str, workdir: str | None, vocab_size: int,
       logging.info("training a %d-piece tokenizer into %s", vocab_size, cache)
       train_tokenizer(sample_docs(), vocab_size).save(cache)
     barrier("bitnet_jax_tokenizer")
-    tok = Tokenizer.load(cache)
-    if tok.vocab_size != vocab_size:
+    tok = load(cache)
+    if isinstance(tok, Tokenizer) and tok.vocab_size != vocab_size:
       raise InputError(
           f"{cache} was trained with {tok.vocab_size} pieces but "
           f"model.vocab_size is {vocab_size}: use a new workdir or delete it")

@@ -124,7 +124,7 @@ def export(pre, out_dir: str, weights: str = "packed",
                                     "dtypes": json.dumps(dtypes),
                                     "format": "bitnet_jax/1"})
   run.write_config(pre.config)
-  pre.tokenizer.save(run.own_tokenizer)
+  pre.tokenizer.save(run.path / pre.tokenizer.filename)
   report = size_report(pre.params, exported)
   report.update(file_bytes=os.path.getsize(path), weights=weights,
                 float_dtype=float_dtype, step=pre.step, source=pre.workdir)

@@ -133,9 +133,10 @@ def load(path: str, **overrides):
   cfg, params = export.load_weights(path)
   run = rundir.RunDir(path)
   if not run.own_tokenizer.exists():
-    raise MissingInput(f"{path} has no {rundir.TOKENIZER}")
+    raise MissingInput(f"{path} has no {rundir.TOKENIZER} or "
+                       f"{rundir.TOKENIZER_JSON}")
   model = pretrained.Pretrained(run.read_config(), cfg, jax.device_put(params),
-                                tokenizer_lib.Tokenizer.load(run.own_tokenizer),
+                                tokenizer_lib.load(run.own_tokenizer),
                                 -1, path)
   return model.with_model(**overrides) if overrides else model
 

@@ -119,7 +119,7 @@ def load(workdir: str, *, step: int | None = None,
                 lambda _: ocp.ArrayRestoreArgs(sharding=device), item)))
   except Exception as e:
     raise unreadable(e) from None
-  tokenizer = tokenizer_lib.Tokenizer.load(run.tokenizer_path(config))
+  tokenizer = tokenizer_lib.load(run.tokenizer_path(config))
   pre = Pretrained(config, model_cfg, restored["params"], tokenizer, step,
                    workdir)
   return pre.with_model(**overrides) if overrides else pre

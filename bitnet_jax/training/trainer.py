@@ -105,7 +105,7 @@ def load_tokenizer(config, workdir: str, corpus) -> tokenizer_lib.Tokenizer:
     ckpt_dir, _ = ckpt_lib.resolve_checkpoint(config.init_from)
     theirs = rundir.RunDir(ckpt_dir.parent).own_tokenizer
     if theirs.exists() and jax.process_index() == 0:
-      theirs.copy(own)
+      theirs.copy(rundir.RunDir(workdir).path / theirs.name)
     barrier("bitnet_jax_tokenizer_copy")
 
   def sample():

@@ -1,0 +1,107 @@
+"""A local Hugging Face BitNet directory -> a bitnet_jax run directory.
+
+Reads config.json, the safetensors weights (model.safetensors or the shards
+of model.safetensors.index.json; packed uint8 + weight_scale or bf16 master
+weights) and tokenizer.json; writes config.json, tokenizer.json and an orbax
+checkpoint at step 0 whose optimizer state is fresh (nothing to continue:
+`train --config.init_from=RUN` starts the schedule at step 0 from these
+weights). `evaluate`, `generate`, `analyze` and `export` read it as any run.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+import numpy as np
+
+from bitnet_jax import defaults, rundir
+from bitnet_jax.errors import InputError, MissingInput
+from bitnet_jax.hf import layout, weights
+
+
+def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
+  """Every tensor of the checkpoint, as numpy (bf16 widened to float32)."""
+  from safetensors.flax import load_file
+  index = os.path.join(hf_dir, "model.safetensors.index.json")
+  if os.path.exists(index):
+    with open(index) as f:
+      files = sorted(set(json.load(f)["weight_map"].values()))
+  elif os.path.exists(os.path.join(hf_dir, "model.safetensors")):
+    files = ["model.safetensors"]
+  else:
+    raise MissingInput(f"{hf_dir} has no model.safetensors (nor an index of "
+                       "shards)")
+  out = {}
+  for name in files:
+    for key, value in load_file(os.path.join(hf_dir, name)).items():
+      a = np.asarray(value) if value.dtype == np.uint8 else \
+          np.asarray(value.astype("float32"))
+      out[key] = a
+  return out
+
+
+def run_config(hf_config: dict, seq_len: int = 0):
+  """bitnet_jax's config of the imported model (defaults elsewhere)."""
+  config = defaults.base_config()
+  over = layout.model_overrides(hf_config)
+  if seq_len:
+    over["seq_len"] = seq_len
+  config.model.update(over)
+  config.quant.weight_scale = "projection"
+  config.data.tokenizer = ""
+  return config
+
+
+def import_checkpoint(hf_dir: str, workdir: str, seq_len: int = 0) -> dict:
+  """Write the run directory; returns what was imported."""
+  import jax
+  from bitnet_jax.data.json_tokenizer import JsonTokenizer
+  from bitnet_jax.model import ModelConfig, param_shapes
+  from bitnet_jax.training import checkpoint as ckpt_lib
+  from bitnet_jax.training import optimizer, train_step
+  path = os.path.join(hf_dir, "config.json")
+  if not os.path.exists(path):
+    raise MissingInput(f"{hf_dir} has no config.json: not a Hugging Face "
+                       "model directory")
+  with open(path) as f:
+    hf_config = json.load(f)
+  try:
+    config = run_config(hf_config, seq_len)
+  except (KeyError, ValueError) as e:
+    raise InputError(f"{path}: {e}") from None
+  model_cfg = ModelConfig.from_config(config)
+  tok_path = os.path.join(hf_dir, rundir.TOKENIZER_JSON)
+  tokenizer = JsonTokenizer.load(tok_path)
+  if tokenizer.vocab_size > model_cfg.vocab_size:
+    raise InputError(f"{tok_path} has {tokenizer.vocab_size} tokens, the "
+                     f"model {model_cfg.vocab_size}")
+  tensors = read_tensors(hf_dir)
+  form = "packed" if any(v.dtype == np.uint8 for v in tensors.values()) else \
+      "master"
+  try:
+    params = weights.to_params(tensors, hf_config)
+  except KeyError as e:
+    raise InputError(f"{hf_dir}: {e.args[0]}") from None
+  from bitnet_jax.training.checkpoint import check_param_shapes
+  check_param_shapes(params, param_shapes(model_cfg), f"{hf_dir} vs its config")
+  params = jax.tree.map(jax.numpy.asarray, params)
+  tx = optimizer.make_optimizer(config.opt, config.train.num_steps)
+  state = train_step.TrainState(step=jax.numpy.zeros((), jax.numpy.int32),
+                                params=params, opt_state=tx.init(params))
+  run = rundir.RunDir(workdir)
+  run.prepare()
+  if ckpt_lib.has_checkpoint(workdir):
+    raise InputError(f"{workdir} already holds checkpoints; import into a new "
+                     "directory")
+  run.write_config(config)
+  tokenizer.save(run.path / tokenizer.filename)
+  ckpt = ckpt_lib.Checkpointer(workdir, keep=1, async_save=False)
+  ckpt.save(0, state, None, force=True)
+  ckpt.close()
+  info = {"source": os.path.abspath(hf_dir), "form": form,
+          "params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
+          "tokenizer_tokens": tokenizer.vocab_size}
+  (run.path / "import.json").write_text(json.dumps(info, indent=2))
+  logging.info("imported %s (%s weights) into %s", hf_dir, form, workdir)
+  return info
