@@ -1,5 +1,8 @@
 """`python -m bitnet_jax.export --workdir=RUN --out=DIR`: a packed inference model.
 
+(`--format=hf` / `hf-bf16` write the Hugging Face BitNet layout instead, for
+b1.58 runs: hf/exporter.py.)
+
 The trained linear weights become 2-bit ternary codes (four per byte) with
 their per-tensor absmean scales -- exactly the ternary weights the training
 graph used (Eq. 1-2; for the `weight_and_activation` ablation, of the rotated
@@ -33,6 +36,10 @@ def define_flags() -> None:
   library functions here can be imported next to other CLIs)."""
   cli.define_run_flags("The trained run to export.", config=False)
   flags.DEFINE_string("out", None, "Output directory.")
+  flags.DEFINE_enum("format", "bitnet_jax", ["bitnet_jax", "hf", "hf-bf16"],
+                    "bitnet_jax (this project's integer inference model), hf "
+                    "(transformers' BitNet layout, packed codes) or hf-bf16 "
+                    "(its master weights); hf* for BitNet b1.58 runs only.")
   flags.DEFINE_enum("weights", "packed", ["packed", "int8"],
                     "Linear weights: 2-bit packed (4 per byte) or int8 codes.")
   flags.DEFINE_enum("dtype", "bfloat16", list(FLOAT_DTYPES),
@@ -44,6 +51,13 @@ def main(argv):
   cli.require("workdir", "out")
   from bitnet_jax.inference import pretrained
   pre = pretrained.load(FLAGS.workdir, step=cli.checkpoint_step())
+  if FLAGS.format != "bitnet_jax":
+    from bitnet_jax.hf.exporter import export_hf
+    r = export_hf(pre, FLAGS.out, FLAGS.format)
+    print(f"exported step {pre.step} of {FLAGS.workdir} to {FLAGS.out} in the "
+          f"Hugging Face BitNet layout ({r['format']}): {r['tensors']} tensors, "
+          f"{r['bytes'] / 2 ** 20:.2f} MiB, {r['tokenizer']}")
+    return
   report = export(pre, FLAGS.out, FLAGS.weights, FLAGS.dtype)
   mib = 1 / 2 ** 20
   print(f"exported step {report['step']} of {FLAGS.workdir} to {FLAGS.out}")

@@ -2,6 +2,7 @@
 written here) imported and run: logits against an independent float64 numpy
 forward of that architecture (ReLU² GLU, sub-norms, GQA, RoPE, per-projection
 absmean ternary weights, per-token absmax INT8 activations)."""
+import json
 import math
 import os
 
@@ -280,3 +281,66 @@ def test_imported_run_continues_training(tmp_path, documents, corpus_file):
   assert os.path.exists(os.path.join(tuned, "tokenizer.json"))
   rows = [json.loads(l) for l in open(os.path.join(tuned, "metrics.jsonl"))]
   assert [r["step"] for r in rows if "loss" in r] == [1, 2, 3]
+
+
+def test_export_then_import_gives_back_codes_and_scales(tmp_path, b158_run):
+  """export --format=hf of a trained b1.58 run, imported again: the same
+  ternary codes per projection, the exported (bf16) scales exactly, and a
+  second export writes the same tensors bit for bit."""
+  from bitnet_jax import quant
+  from bitnet_jax.hf import exporter, importer
+  from bitnet_jax.inference import pretrained
+  pre = pretrained.load(b158_run)
+  exporter.export_hf(pre, str(tmp_path / "hf"))
+  cfg = json.load(open(tmp_path / "hf" / "config.json"))
+  assert cfg["model_type"] == "bitnet" and cfg["hidden_act"] == "silu"
+  assert cfg["quantization_config"]["linear_class"] == "autobitlinear"
+  first = importer.read_tensors(str(tmp_path / "hf"))
+  name = layout.projection_name(1, "v_proj")
+  assert first[name].dtype == np.uint8 and first[name].shape == (
+      pre.model_cfg.kv_heads * pre.model_cfg.head_dim // 4, pre.model_cfg.d_model)
+  importer.import_checkpoint(str(tmp_path / "hf"), str(tmp_path / "run"))
+  back = pretrained.load(str(tmp_path / "run"))
+  groups = (2, (0,) * (pre.model_cfg.num_heads // pre.model_cfg.kv_heads) + (1, 2))
+  for site, g in (("qkv", groups), ("o", None), ("up_gate", (1, (0, 1))),
+                  ("down", None)):
+    block = "attn" if site in ("qkv", "o") else "ffn"
+    a = pre.params["layers"][block][site]["kernel"]
+    b = back.params["layers"][block][site]["kernel"]
+    for i in range(pre.model_cfg.num_layers):
+      ca, sa = quant.ternary_codes(a[i], g)
+      cb, sb = quant.ternary_codes(b[i], g)
+      np.testing.assert_array_equal(np.asarray(ca), np.asarray(cb))
+      # the file's bf16 scale, and the imported latent's absmean rounds
+      # back to it (float32 absmean reductions: ~1e-5 relative)
+      bf = lambda x: np.asarray(jnp.asarray(x, jnp.bfloat16).astype(jnp.float32))  # noqa: E731
+      np.testing.assert_array_equal(bf(sa), bf(sb))
+      np.testing.assert_allclose(np.asarray(sb), bf(sa), rtol=5e-5)
+  exporter.export_hf(back, str(tmp_path / "hf2"))
+  second = importer.read_tensors(str(tmp_path / "hf2"))
+  assert set(first) == set(second)
+  for k in first:
+    np.testing.assert_array_equal(first[k], second[k], err_msg=k)
+
+
+def test_v2_runs_are_not_exported_to_hf(trained_run, tmp_path):
+  from bitnet_jax.errors import ConfigError
+  from bitnet_jax.hf import exporter
+  from bitnet_jax.inference import pretrained
+  with pytest.raises(ConfigError, match="no online Hadamard"):
+    exporter.export_hf(pretrained.load(trained_run), str(tmp_path / "x"))
+
+
+def test_bf16_master_export_round_trip(tmp_path, b158_run):
+  from bitnet_jax.hf import exporter, importer
+  from bitnet_jax.inference import pretrained
+  pre = pretrained.load(b158_run)
+  exporter.export_hf(pre, str(tmp_path / "hf"), "hf-bf16")
+  assert json.load(open(tmp_path / "hf" / "config.json"))[
+      "quantization_config"]["quantization_mode"] == "online"
+  importer.import_checkpoint(str(tmp_path / "hf"), str(tmp_path / "run"))
+  back = pretrained.load(str(tmp_path / "run"))
+  for a, b in zip(jax.tree.leaves(pre.params), jax.tree.leaves(back.params)):
+    np.testing.assert_array_equal(
+        np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32)),
+        np.asarray(b))

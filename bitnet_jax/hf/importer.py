@@ -2,7 +2,7 @@
 
 Reads config.json, the safetensors weights (model.safetensors or the shards
 of model.safetensors.index.json; packed uint8 + weight_scale or bf16 master
-weights) and tokenizer.json; writes config.json, tokenizer.json and an orbax
+weights) and tokenizer.json (or a sentencepiece tokenizer.model); writes config.json, tokenizer.json and an orbax
 checkpoint at step 0 whose optimizer state is fresh (nothing to continue:
 `train --config.init_from=RUN` starts the schedule at step 0 from these
 weights). `evaluate`, `generate`, `analyze` and `export` read it as any run.
@@ -56,7 +56,7 @@ def run_config(hf_config: dict, seq_len: int = 0):
 def import_checkpoint(hf_dir: str, workdir: str, seq_len: int = 0) -> dict:
   """Write the run directory; returns what was imported."""
   import jax
-  from bitnet_jax.data.json_tokenizer import JsonTokenizer
+  from bitnet_jax.data import tokenizer as tokenizer_lib
   from bitnet_jax.model import ModelConfig, param_shapes
   from bitnet_jax.training import checkpoint as ckpt_lib
   from bitnet_jax.training import optimizer, train_step
@@ -72,7 +72,9 @@ def import_checkpoint(hf_dir: str, workdir: str, seq_len: int = 0) -> dict:
     raise InputError(f"{path}: {e}") from None
   model_cfg = ModelConfig.from_config(config)
   tok_path = os.path.join(hf_dir, rundir.TOKENIZER_JSON)
-  tokenizer = JsonTokenizer.load(tok_path)
+  if not os.path.exists(tok_path):  # a sentencepiece model (our exports)
+    tok_path = os.path.join(hf_dir, rundir.TOKENIZER)
+  tokenizer = tokenizer_lib.load(tok_path)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise InputError(f"{tok_path} has {tokenizer.vocab_size} tokens, the "
                      f"model {model_cfg.vocab_size}")

@@ -33,14 +33,14 @@ def _projection(tensors: dict, i: int, proj: str, multiplies: bool) -> np.ndarra
   w = np.asarray(tensors[name])
   if w.dtype != np.uint8:
     return w.astype(np.float32)
-  codes = layout.unpack(w).astype(np.float32)
+  codes = layout.unpack(w)
   scale_name = name[: -len("weight")] + "weight_scale"
   if scale_name not in tensors:
     raise KeyError(f"{scale_name} is missing (packed {name})")
   scale = float(np.asarray(tensors[scale_name], np.float32).reshape(-1)[0])
   alpha = scale if multiplies else 1.0 / scale
-  nonzero = float(np.mean(np.abs(codes)))
-  return codes * (alpha / nonzero if nonzero else 0.0)
+  nonzero = np.count_nonzero(codes) / codes.size   # exact, float64
+  return (codes * (alpha / nonzero if nonzero else 0.0)).astype(np.float32)
 
 
 def layer_params(tensors: dict, i: int, heads: int, kv_heads: int,

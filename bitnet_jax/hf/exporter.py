@@ -1,0 +1,138 @@
+"""A bitnet_jax BitNet b1.58 run -> a Hugging Face BitNet directory.
+
+  format 'hf'       packed uint8 codes + bf16 `weight_scale` per projection
+                    (transformers' `autobitlinear`, offline quantization):
+                    exactly the ternary weights and per-projection scales the
+                    training graph used
+  format 'hf-bf16'  the latent (master) weights in bf16 (online
+                    quantization; what bitnet.cpp's converter turns into
+                    GGUF i2_s)
+
+The inverse of weights.py: our fused kernels split into q/k/v and gate/up,
+transposed to [out, in]; norms, embedding, final norm and head in bf16;
+config.json in BitNetConfig's keys; the run's tokenizer file copied.
+
+Only b1.58 runs (no Hadamard: transformers and bitnet.cpp have no online
+rotation, so a v2 model would compute something else) with a squared-ReLU or
+SwiGLU GLU and no post-RoPE Q/K/V quantization.
+"""
+from __future__ import annotations
+
+import json
+import os
+
+import numpy as np
+
+from bitnet_jax import policy, quant
+from bitnet_jax.errors import ConfigError
+from bitnet_jax.hf import layout
+
+FORMATS = ("hf", "hf-bf16")
+
+
+def check_exportable(cfg, fmt: str) -> None:
+  if fmt not in FORMATS:
+    raise ConfigError(f"format must be one of {FORMATS}, got {fmt!r}")
+  if cfg.variant != "b1.58":
+    raise ConfigError(
+        f"a {cfg.variant} run cannot be exported to the Hugging Face layout: "
+        "transformers' BitNet and bitnet.cpp implement BitNet b1.58 (no online "
+        "Hadamard, no top-K); use the bitnet_jax format (--format=bitnet_jax)")
+  if cfg.q_bits or cfg.kv_bits:
+    raise ConfigError("the Hugging Face layout has no low-bit Q/K/V states")
+  if fmt == "hf-bf16" and cfg.weight_scale != "projection":
+    raise ConfigError("hf-bf16 master weights are quantized per projection "
+                      "by transformers; this run used one scale per fused "
+                      "kernel (quant.weight_scale=tensor): export --format=hf")
+
+
+def hf_config(cfg, tokenizer, fmt: str) -> dict:
+  return {"architectures": ["BitNetForCausalLM"], "model_type": "bitnet",
+         "vocab_size": cfg.vocab_size, "hidden_size": cfg.d_model,
+         "intermediate_size": cfg.d_ff, "num_hidden_layers": cfg.num_layers,
+         "num_attention_heads": cfg.num_heads,
+         "num_key_value_heads": cfg.kv_heads,
+         "hidden_act": ("relu2" if policy.glu_activation(cfg) == "relu2"
+                        else "silu"),
+         "max_position_embeddings": cfg.seq_len, "rope_theta": cfg.rope_theta,
+         "rms_norm_eps": cfg.norm_eps, "tie_word_embeddings": cfg.tie_embeddings,
+         "bos_token_id": tokenizer.bos_id, "eos_token_id": tokenizer.eos_id,
+         "attention_bias": False, "torch_dtype": "bfloat16",
+         "quantization_config": {
+             "quant_method": "bitnet", "linear_class": "autobitlinear",
+             "quantization_mode": "offline" if fmt == "hf" else "online"}}
+
+
+def _bf16(x) -> np.ndarray:
+  import jax.numpy as jnp
+  return np.asarray(jnp.asarray(x, jnp.bfloat16))
+
+
+def projections(layer: dict, cfg) -> dict[str, np.ndarray]:
+  """Latent [out, in] float32 weight of each HF projection of one layer."""
+  qkv = np.asarray(layer["attn"]["qkv"]["kernel"], np.float32)  # [D, K, G+2, E]
+  d, k, g2, e = qkv.shape
+  up_gate = np.asarray(layer["ffn"]["up_gate"]["kernel"], np.float32)
+  return {"q_proj": qkv[:, :, : g2 - 2].reshape(d, -1).T,
+          "k_proj": qkv[:, :, g2 - 2].reshape(d, -1).T,
+          "v_proj": qkv[:, :, g2 - 1].reshape(d, -1).T,
+          "o_proj": np.asarray(layer["attn"]["o"]["kernel"], np.float32).T,
+          "up_proj": up_gate[:, 0].T, "gate_proj": up_gate[:, 1].T,
+          "down_proj": np.asarray(layer["ffn"]["down"]["kernel"], np.float32).T}
+
+
+def tensors(params, cfg, fmt: str) -> dict[str, np.ndarray]:
+  """{HF name: array} of a run's latent parameters (layers stacked)."""
+  import jax
+  out = {"model.embed_tokens.weight": _bf16(params["embed"]["embedding"]),
+         "model.norm.weight": _bf16(params["final_norm"]["scale"])}
+  if not cfg.tie_embeddings:
+    out["lm_head.weight"] = _bf16(np.asarray(params["head"]["kernel"]).T)
+  shared = {}  # weight_scale='tensor': one alpha per fused kernel
+  for i in range(cfg.num_layers):
+    layer = jax.tree.map(lambda x: np.asarray(x)[i], params["layers"])
+    if cfg.weight_scale == "tensor":
+      for site, block in (("qkv", "attn"), ("o", "attn"), ("up_gate", "ffn"),
+                          ("down", "ffn")):
+        shared[site] = float(quant.absmean(np.asarray(
+            layer[block][site]["kernel"], np.float32)))
+    site_of = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv",
+               "o_proj": "o", "up_proj": "up_gate", "gate_proj": "up_gate",
+               "down_proj": "down"}
+    for proj, w in projections(layer, cfg).items():
+      name = layout.projection_name(i, proj)
+      if fmt == "hf-bf16":
+        out[name] = _bf16(w)
+        continue
+      alpha = shared.get(site_of[proj])
+      if alpha is None:
+        codes, alpha = quant.ternary_codes(w)
+      else:
+        codes = np.clip(np.round(w / (alpha + quant.EPS)), -1, 1)
+      out[name] = layout.pack(np.asarray(codes, np.int8))
+      out[name[: -len("weight")] + "weight_scale"] = _bf16([float(alpha)])
+    for hf_norm, site in layout.NORMS.items():
+      block = "attn" if site in ("qkv", "o") else "ffn"
+      out[f"{layout.layer_prefix(i)}{hf_norm}.weight"] = _bf16(
+          layer[block][site]["norm"]["scale"])
+  return out
+
+
+def export_hf(pre, out_dir: str, fmt: str = "hf") -> dict:
+  """Write config.json, model.safetensors and the tokenizer file."""
+  import jax.numpy as jnp
+  from safetensors.flax import save_file
+  cfg = pre.model_cfg
+  check_exportable(cfg, fmt)
+  flat = tensors(pre.params, cfg, fmt)
+  os.makedirs(out_dir, exist_ok=True)
+  save_file({k: jnp.asarray(v) for k, v in flat.items()},
+            os.path.join(out_dir, "model.safetensors"),
+            metadata={"format": "pt"})
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(hf_config(cfg, pre.tokenizer, fmt), f, indent=2)
+  pre.tokenizer.save(os.path.join(out_dir, pre.tokenizer.filename))
+  return {"tensors": len(flat), "format": fmt,
+          "tokenizer": pre.tokenizer.filename,
+          "bytes": os.path.getsize(os.path.join(out_dir, "model.safetensors"))}
+
