@@ -344,3 +344,32 @@ def test_bf16_master_export_round_trip(tmp_path, b158_run):
     np.testing.assert_array_equal(
         np.asarray(jnp.asarray(a, jnp.bfloat16).astype(jnp.float32)),
         np.asarray(b))
+
+
+def test_v2_conversion_keeps_the_float_function(tmp_path, documents):
+  """--to_variant=v2: (H x) . (H W) = x . W, so without quantizers the
+  converted v2 computes the b1.58 model's logits."""
+  from bitnet_jax.hf import importer
+  from bitnet_jax.inference import pretrained
+  write_hf_dir(tmp_path / "hf", "master", documents)
+  runs = {}
+  for variant in ("b1.58", "v2"):
+    info = importer.import_checkpoint(str(tmp_path / "hf"),
+                                      str(tmp_path / variant), 16, variant)
+    assert info["variant"] == variant
+    runs[variant] = pretrained.load(str(tmp_path / variant))
+  assert runs["v2"].model_cfg.variant == "v2"
+  tokens = jnp.asarray(np.random.default_rng(2).integers(0, 300, (2, 16)))
+
+  def logits(pre, **over):
+    model = Transformer(pre.model_cfg.replace(**over))
+    return np.asarray(model.apply({"params": pre.params}, tokens))
+  np.testing.assert_allclose(logits(runs["v2"], quantized=False),
+                             logits(runs["b1.58"], quantized=False),
+                             rtol=1e-4, atol=1e-4)
+  # quantized, the two differ (Q_w(H W), Q_x(H x)) but stay close
+  a, b = logits(runs["v2"]), logits(runs["b1.58"])
+  assert 0 < np.abs(a - b).mean() < 0.5 * np.abs(b).mean()
+  with pytest.raises(Exception, match="to_variant"):
+    importer.import_checkpoint(str(tmp_path / "hf"), str(tmp_path / "x"),
+                               16, "a4.8")

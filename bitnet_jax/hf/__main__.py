@@ -11,6 +11,9 @@ from bitnet_jax.errors import InputError
 FLAGS = flags.FLAGS
 flags.DEFINE_string("hf_dir", None, "A local Hugging Face BitNet directory.")
 flags.DEFINE_string("workdir", None, "The run directory to write (new).")
+flags.DEFINE_enum("to_variant", "b1.58", ["b1.58", "v2"],
+                  "v2: convert to BitNet v2 keeping the float function (W_o, "
+                  "W_down rotated by the Hadamard along their input axis).")
 flags.DEFINE_integer("seq_len", 0, "Context of the imported run (0: the "
                      "model's max_position_embeddings).")
 
@@ -21,8 +24,10 @@ def main(argv) -> None:
                      "--workdir=RUN")
   cli.require("hf_dir", "workdir")
   from bitnet_jax.hf import importer
-  info = importer.import_checkpoint(FLAGS.hf_dir, FLAGS.workdir, FLAGS.seq_len)
-  print(f"imported {info['params']:,} parameters ({info['form']} weights) "
+  info = importer.import_checkpoint(FLAGS.hf_dir, FLAGS.workdir, FLAGS.seq_len,
+                                    FLAGS.to_variant)
+  print(f"imported {info['params']:,} parameters ({info['form']} weights, as "
+        f"{info['variant']}) "
         f"and a {info['tokenizer_tokens']}-token tokenizer into {FLAGS.workdir}")
 
 

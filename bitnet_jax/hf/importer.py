@@ -2,10 +2,13 @@
 
 Reads config.json, the safetensors weights (model.safetensors or the shards
 of model.safetensors.index.json; packed uint8 + weight_scale or bf16 master
-weights) and tokenizer.json (or a sentencepiece tokenizer.model); writes config.json, tokenizer.json and an orbax
-checkpoint at step 0 whose optimizer state is fresh (nothing to continue:
-`train --config.init_from=RUN` starts the schedule at step 0 from these
-weights). `evaluate`, `generate`, `analyze` and `export` read it as any run.
+weights) and tokenizer.json (or a sentencepiece tokenizer.model); writes
+config.json, the tokenizer and an orbax checkpoint at step 0 whose optimizer
+state is fresh (nothing to continue: `train --config.init_from=RUN` starts
+the schedule at step 0 from these weights). `evaluate`, `generate`,
+`analyze` and `export` read it as any run. `to_variant='v2'` turns the b1.58
+checkpoint into a BitNet v2 whose float function is the same (W_o, W_down
+rotated: weights.rotate_for_v2).
 """
 from __future__ import annotations
 
@@ -41,20 +44,29 @@ def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
   return out
 
 
-def run_config(hf_config: dict, seq_len: int = 0):
+VARIANTS = ("b1.58", "v2")
+
+
+def run_config(hf_config: dict, seq_len: int = 0, variant: str = "b1.58"):
   """bitnet_jax's config of the imported model (defaults elsewhere)."""
   config = defaults.base_config()
   over = layout.model_overrides(hf_config)
   if seq_len:
     over["seq_len"] = seq_len
+  over["variant"] = variant
   config.model.update(over)
   config.quant.weight_scale = "projection"
   config.data.tokenizer = ""
   return config
 
 
-def import_checkpoint(hf_dir: str, workdir: str, seq_len: int = 0) -> dict:
-  """Write the run directory; returns what was imported."""
+def import_checkpoint(hf_dir: str, workdir: str, seq_len: int = 0,
+                      to_variant: str = "b1.58") -> dict:
+  """Write the run directory; returns what was imported. to_variant='v2'
+  converts the b1.58 checkpoint into a BitNet v2 (weights.rotate_for_v2)."""
+  if to_variant not in VARIANTS:
+    raise InputError(f"--to_variant must be one of {VARIANTS}, got "
+                     f"{to_variant!r}")
   import jax
   from bitnet_jax.data import tokenizer as tokenizer_lib
   from bitnet_jax.model import ModelConfig, param_shapes
@@ -67,10 +79,10 @@ def import_checkpoint(hf_dir: str, workdir: str, seq_len: int = 0) -> dict:
   with open(path) as f:
     hf_config = json.load(f)
   try:
-    config = run_config(hf_config, seq_len)
+    config = run_config(hf_config, seq_len, to_variant)
   except (KeyError, ValueError) as e:
     raise InputError(f"{path}: {e}") from None
-  model_cfg = ModelConfig.from_config(config)
+  model_cfg = ModelConfig.from_config(config)  # v2: checks Hadamard sizes
   tok_path = os.path.join(hf_dir, rundir.TOKENIZER_JSON)
   if not os.path.exists(tok_path):  # a sentencepiece model (our exports)
     tok_path = os.path.join(hf_dir, rundir.TOKENIZER)
@@ -85,6 +97,8 @@ def import_checkpoint(hf_dir: str, workdir: str, seq_len: int = 0) -> dict:
     params = weights.to_params(tensors, hf_config)
   except KeyError as e:
     raise InputError(f"{hf_dir}: {e.args[0]}") from None
+  if to_variant == "v2":
+    params = weights.rotate_for_v2(params, model_cfg.hadamard_block_size)
   from bitnet_jax.training.checkpoint import check_param_shapes
   check_param_shapes(params, param_shapes(model_cfg), f"{hf_dir} vs its config")
   params = jax.tree.map(jax.numpy.asarray, params)
@@ -102,6 +116,7 @@ def import_checkpoint(hf_dir: str, workdir: str, seq_len: int = 0) -> dict:
   ckpt.save(0, state, None, force=True)
   ckpt.close()
   info = {"source": os.path.abspath(hf_dir), "form": form,
+          "variant": to_variant,
           "params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
           "tokenizer_tokens": tokenizer.vocab_size}
   (run.path / "import.json").write_text(json.dumps(info, indent=2))

@@ -67,6 +67,22 @@ def layer_params(tensors: dict, i: int, heads: int, kv_heads: int,
               "down": {"kernel": w["down_proj"].T, "norm": norms["down"]}}}
 
 
+def rotate_for_v2(params: dict, block_size: int) -> dict:
+  """b1.58 -> BitNet v2 keeping the float function: H-BitLinear computes
+  (H x) . W' at W_o and W_down; with W' = H W (H orthonormal and symmetric)
+  that is x . W, so their latent kernels are rotated along the input axis.
+  Quantization then differs (Q_w(H W), Q_x(H x)): as close as it allows."""
+  import jax
+  from bitnet_jax import rotations
+  rotate = jax.vmap(lambda w: rotations.rotate_input_axis(w, block_size))
+  out = jax.tree.map(lambda x: x, params)
+  for block, site in (("attn", "o"), ("ffn", "down")):
+    kernel = params["layers"][block][site]["kernel"]
+    out["layers"][block][site]["kernel"] = np.asarray(
+        rotate(jax.numpy.asarray(kernel, jax.numpy.float32)))
+  return out
+
+
 def to_params(tensors: dict, hf_config: dict) -> dict:
   """The latent parameter tree (layers stacked for scan) of a checkpoint."""
   over = layout.model_overrides(hf_config)
