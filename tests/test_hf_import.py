@@ -373,3 +373,26 @@ def test_v2_conversion_keeps_the_float_function(tmp_path, documents):
   with pytest.raises(Exception, match="to_variant"):
     importer.import_checkpoint(str(tmp_path / "hf"), str(tmp_path / "x"),
                                16, "a4.8")
+
+
+@pytest.mark.slow
+def test_conversion_experiment_smoke(tmp_path, b158_run, corpus_file):
+  """experiments/hf_conversion end to end on the small b1.58 run: the
+  exported-imported b1.58 scores as trained, the converted v2 starts far
+  closer to it than the naive one."""
+  import subprocess
+  import sys
+  from conftest import subprocess_env
+  valid = tmp_path / "valid.txt"
+  valid.write_text(open(corpus_file).read()[:20000])
+  out = subprocess.run(
+      [sys.executable, "-m", "bitnet_jax.experiments.hf_conversion",
+       f"--run={b158_run}", f"--valid={valid}", f"--out={tmp_path / 'out'}",
+       "--steps=2", "--max_docs=8"], capture_output=True, text=True,
+      env=subprocess_env())
+  assert out.returncode == 0, out.stderr[-3000:]
+  r = json.load(open(tmp_path / "out" / "results.json"))["ppl"]
+  base = r["b1.58 as trained"]
+  assert r["b1.58 exported and imported"] == pytest.approx(base, rel=0.01)
+  assert abs(r["v2 a8, before training"] / base - 1) < \
+      abs(r["v2_naive a8, before training"] / base - 1)
