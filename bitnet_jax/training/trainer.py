@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 from typing import Any
 
@@ -29,6 +30,8 @@ from bitnet_jax.evaluation import activation_stats
 from bitnet_jax.model import Transformer, count_params
 from bitnet_jax.scale import sharding
 from bitnet_jax.training import centring
+from bitnet_jax.training import compile_cache
+from bitnet_jax.training import profiling
 from bitnet_jax.training import checkpoint as ckpt_lib
 from bitnet_jax.training import environment
 from bitnet_jax.training import metrics as metrics_lib
@@ -187,6 +190,8 @@ def train(config, workdir: str, preemption: Preemption | None = None) -> dict:
   """Train until train.stop_step (or preemption); returns a summary dict."""
   preemption = preemption or Preemption(install=False)
   rundir.RunDir(workdir).prepare()
+  compile_cache.enable(config.train.get("compile_cache_dir",
+                                        compile_cache.DEFAULT))
   if config.init_from:
     try:  # fail before compiling
       ckpt_lib.resolve_checkpoint(config.init_from)
@@ -221,7 +226,7 @@ def _train_locked(setup: Setup, config, workdir: str, preemption) -> dict:
       if origin != "initialised":  # later rows of metrics.jsonl restart here
         writer.mark(start, {"resumed_from": start, "origin": origin})
       loop = Loop(setup, config, ckpt, writer, data_iter, evals, preemption,
-                  tokens_per_step)
+                  tokens_per_step, workdir)
       summary = loop.run(state, start)
     summary.update(start_step=start, origin=origin,
                    environment=environment.fingerprint())
@@ -237,7 +242,7 @@ class Loop:
   """The step loop: dispatch step N, then read step N-1's metrics."""
 
   def __init__(self, setup: Setup, config, ckpt, writer, data_iter, evals,
-               preemption, tokens_per_step: int):
+               preemption, tokens_per_step: int, workdir: str = "."):
     self.setup, self.config, self.ckpt, self.writer = setup, config, ckpt, writer
     self.data_iter, self.evals, self.preemption = data_iter, evals, preemption
     peak = step_lib.device_peak_flops(jax.devices()[0], config.train.peak_flops)
@@ -249,6 +254,10 @@ class Loop:
     self.summarizers: dict[int, Any] = {}  # act_bits -> jitted summarizer
     self.summary: dict[str, Any] = {"first_loss": None}
     self.centring = setup.model_cfg.mean_centre  # offsets still to check
+    self.profile = profiling.ProfileWindow(
+        config.train.get("profile_start", -1),
+        config.train.get("profile_steps", 0),
+        os.fspath(rundir.RunDir(workdir).path / rundir.TENSORBOARD))
 
   def consume(self, step: int, metrics) -> None:
     """Read one step's metrics (a host sync on that step only) and log."""
@@ -325,6 +334,7 @@ class Loop:
     setup, train_cfg = self.setup, self.config.train
     pending = None
     for step in range(start, setup.stop_step):
+      self.profile.before(step, state)
       bits = setup.bits_at(step)
       if step == self.config.quant.a4_start_step and step > start:
         logging.info("step %d: switching to 4-bit activations", step)
@@ -353,6 +363,7 @@ class Loop:
           pending = None
         self.save(state, done, force=preempted)
       if preempted:
+        self.profile.close(state)
         self.ckpt.wait()
         logging.warning("preempted: saved step %d in %s", done,
                         self.ckpt.directory)
@@ -360,6 +371,7 @@ class Loop:
         return self.summary
     if pending is not None:
       self.consume(*pending)
+    self.profile.close(state)
     final = setup.stop_step
     if self.last_ckpt != final:
       self.save(state, final, force=True)

@@ -1,0 +1,40 @@
+"""JAX's persistent compilation cache (train.compile_cache_dir).
+
+A restarted or resumed run loads its compiled train / eval steps from disk
+instead of recompiling them. The default directory is under the user's cache
+directory ($XDG_CACHE_HOME or ~/.cache)/bitnet_jax/xla; an empty string turns
+the cache off. A gs:// directory works on TPU VMs (shared by every host).
+Executables are keyed by the program, the compiler version and flags, so a
+changed config or library compiles anew.
+"""
+from __future__ import annotations
+
+import logging
+import os
+
+import jax
+
+DEFAULT = "default"
+
+
+def default_dir() -> str:
+  base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+      os.path.expanduser("~"), ".cache")
+  return os.path.join(base, "bitnet_jax", "xla")
+
+
+def enable(setting: str) -> str:
+  """Point JAX's persistent cache at `setting` ('default': default_dir();
+  '': off). Returns the directory in use ('' when off)."""
+  path = default_dir() if setting == DEFAULT else setting
+  if not path:
+    jax.config.update("jax_compilation_cache_dir", None)
+    return ""
+  if "://" not in path:
+    os.makedirs(path, exist_ok=True)
+  jax.config.update("jax_compilation_cache_dir", path)
+  # every step program is worth keeping, however fast it compiled
+  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  logging.info("compilation cache: %s", path)
+  return path
