@@ -2,8 +2,8 @@
 
 A restarted or resumed run loads its compiled train / eval steps from disk
 instead of recompiling them. The default directory is under the user's cache
-directory ($XDG_CACHE_HOME or ~/.cache)/bitnet_jax/xla; an empty string turns
-the cache off. A gs:// directory works on TPU VMs (shared by every host).
+directory ($XDG_CACHE_HOME or ~/.cache)/bitnet_jax/xla, or the one JAX's own
+JAX_COMPILATION_CACHE_DIR names; an empty string turns the cache off. A gs:// directory works on TPU VMs (shared by every host).
 Executables are keyed by the program, the compiler version and flags, so a
 changed config or library compiles anew.
 """
@@ -24,17 +24,23 @@ def default_dir() -> str:
 
 
 def enable(setting: str) -> str:
-  """Point JAX's persistent cache at `setting` ('default': default_dir();
-  '': off). Returns the directory in use ('' when off)."""
-  path = default_dir() if setting == DEFAULT else setting
+  """Point JAX's persistent cache at `setting` ('default': the directory in
+  $JAX_COMPILATION_CACHE_DIR if set, else default_dir(); '': off). Returns
+  the directory in use ('' when off)."""
+  path = setting
+  if setting == DEFAULT:
+    path = os.environ.get("JAX_COMPILATION_CACHE_DIR") or default_dir()
   if not path:
     jax.config.update("jax_compilation_cache_dir", None)
     return ""
   if "://" not in path:
     os.makedirs(path, exist_ok=True)
   jax.config.update("jax_compilation_cache_dir", path)
-  # every step program is worth keeping, however fast it compiled
-  jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
-  jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
+  # every step program is worth keeping, however fast it compiled (unless
+  # the environment says otherwise)
+  if "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
+  if "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES" not in os.environ:
+    jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
   logging.info("compilation cache: %s", path)
   return path
