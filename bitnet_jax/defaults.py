@@ -121,6 +121,8 @@ def base_config() -> ml_collections.ConfigDict:
   mesh.data = -1                   # data-parallel axis size; -1 = fill
   mesh.fsdp = 1                    # parameter-sharding (ZeRO-3) axis size
   mesh.tensor = 1                  # tensor-parallel axis size
+  mesh.dcn_data = 1                # slices (multi-slice TPU, DCN) along data;
+                                   # the sizes above are then per slice
   # logical axis -> mesh axes (see bitnet_jax/scale/sharding.py); unlisted names
   # (layers, head_dim, activation_embed, activation_length) are replicated
   mesh.rules = (

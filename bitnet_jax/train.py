@@ -14,6 +14,8 @@ Flags:
                           libtpu (v5p:4x4x4, v5e:16x16, v6e:8x8, ...; no TPU
                           needed) or for N host CPU devices (cpu:N)
   --dry_run_json=FILE     with --dry_run: also write the report as JSON
+  --num_slices=N          with --dry_run --topology: N slices of it joined
+                          along data parallelism (mesh.dcn_data=N)
   --distributed=auto|on|off   join a multi-process run (auto: TPU pod, SLURM
                           or --coordinator_address); see launch/
   --coordinator_address, --num_processes, --process_id   explicit multi-process
@@ -41,6 +43,8 @@ flags.DEFINE_bool("dry_run", False, "Compile from abstract shapes, report "
 flags.DEFINE_string("topology", "", "With --dry_run: a libtpu topology "
                     "(v5p:4x4x4, v5e:16x16, ...) or cpu:N.")
 flags.DEFINE_string("dry_run_json", "", "With --dry_run: write the report here.")
+flags.DEFINE_integer("num_slices", 1, "With --dry_run --topology: that many "
+                     "slices joined along data parallelism (mesh.dcn_data).")
 flags.DEFINE_enum("distributed", "auto", ["auto", "on", "off"],
                   "Call jax.distributed.initialize().")
 flags.DEFINE_string("coordinator_address", "", "host:port of process 0.")
@@ -90,13 +94,15 @@ def main(argv):
   if FLAGS.topology.startswith("cpu:"):  # before jax starts its CPU backend
     os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") +
                                " --xla_force_host_platform_device_count="
-                               + FLAGS.topology[4:]).strip()
+                               + str(int(FLAGS.topology[4:]) *
+                                     max(1, FLAGS.num_slices))).strip()
   from bitnet_jax.scale import sharding
   sharding.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address,
                                   FLAGS.num_processes, FLAGS.process_id)
   from bitnet_jax.training import trainer  # jax-heavy modules after init
   if FLAGS.dry_run:
-    trainer.dry_run(config, FLAGS.topology, FLAGS.dry_run_json)
+    trainer.dry_run(config, FLAGS.topology, FLAGS.dry_run_json,
+                    FLAGS.num_slices)
     return
   summary = trainer.train(config, FLAGS.workdir, trainer.Preemption())
   logging.info("done: %s", json.dumps(summary))

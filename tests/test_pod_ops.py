@@ -82,3 +82,62 @@ def test_slurm_script_does_not_mask_devices():
   commands = [l for l in script.splitlines() if not l.lstrip().startswith("#")]
   assert not any("CUDA_VISIBLE_DEVICES" in l for l in commands)
   assert any(l.startswith("srun") and "--distributed=on" in l for l in commands)
+
+
+def dcn_transfers(text: str) -> list[tuple[str, str, str]]:
+  """(transfer type, shape, op_name) of every cross-slice (DCN) send in a
+  multi-slice TPU program (the megascale runtime's host transfers)."""
+  import re
+  out = []
+  for line in text.splitlines():
+    m = re.match(r"\s*%send(?:\.\d+)? = \((\S+)", line)
+    t = re.search(r'_xla_megascale_transfer_type="([A-Z_]+)"', line)
+    if m and t:
+      out.append((t.group(1), m.group(1), line))
+  return out
+
+
+@pytest.mark.slow
+def test_two_slices_cross_dcn_only_with_gradients():
+  """--dry_run --topology=v5p:2x2x1 --num_slices=2: the slices join along
+  data (mesh data 2 x fsdp 4); weights are gathered within a slice, and
+  what crosses DCN is the gradient all-reduce (and the embedding gradient's
+  gather of its activations, XLA's choice for the sparse update)."""
+  pytest.importorskip("libtpu")
+  from bitnet_jax.scale import dry_run, fit_table
+  config = fit_table.load_config("400m")
+  config.model.num_layers = 2
+  config.data.batch_size = 16
+  config.model.seq_len = 512
+  devices, _ = dry_run.topology_devices("v5p:2x2x1", 2)
+  assert len({d.slice_index for d in devices}) == 2
+  config.mesh.dcn_data = 2
+  setup, compiled, _ = dry_run.compile_step(config, devices)
+  assert dict(setup.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  slice_of = [d.slice_index for d in setup.mesh.devices.flat]
+  assert slice_of == [0] * 4 + [1] * 4  # data (slices) outermost
+  transfers = dcn_transfers(compiled.as_text())
+  reduces = [t for t in transfers if t[0] == "ALL_REDUCE"]
+  others = [t for t in transfers if t[0] != "ALL_REDUCE"]
+  assert len(reduces) >= 8  # every layer kernel's gradient, the head's, ...
+  # no weight crosses DCN: the one other transfer is activation-shaped
+  # ([rows, seq_len, d_model], the embedding gradient's inputs)
+  assert len(others) <= 1, [t[:2] for t in others]
+  assert all(",512,1024]" in t[1] for t in others), [t[:2] for t in others]
+
+
+def test_dcn_mesh_shape_and_errors():
+  from bitnet_jax import defaults
+  from bitnet_jax.errors import ConfigError
+  from bitnet_jax.scale import sharding
+  m = defaults.base_config().mesh
+  m.update(data=1, fsdp=-1, tensor=1, dcn_data=2)
+  assert sharding.mesh_shape(m, 8) == (2, 4, 1)   # per slice: fsdp 4
+  mesh = sharding.make_mesh(m, __import__("jax").devices()[:8])
+  assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  m.dcn_data = 3
+  with pytest.raises(ConfigError, match="does not divide the 8 devices"):
+    sharding.mesh_shape(m, 8)
+  m.dcn_data = 0
+  with pytest.raises(ConfigError, match="dcn_data must be >= 1"):
+    sharding.mesh_shape(m, 8)

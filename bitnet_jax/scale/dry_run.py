@@ -43,8 +43,10 @@ class TopologyError(ConfigError):
   """A --topology that cannot be had here (reported as one line)."""
 
 
-def topology_devices(name: str) -> tuple[list, chips_lib.Chip | None]:
-  """Devices to compile for, and the chip whose peaks apply (None: unknown)."""
+def topology_devices(name: str, num_slices: int = 1
+                     ) -> tuple[list, chips_lib.Chip | None]:
+  """Devices to compile for, and the chip whose peaks apply (None: unknown);
+  a TPU topology num_slices times (multi-slice: devices carry slice_index)."""
   if not name:
     devices = jax.devices()
     return devices, chips_lib.for_device_kind(devices[0].device_kind)
@@ -53,6 +55,7 @@ def topology_devices(name: str) -> tuple[list, chips_lib.Chip | None]:
       n = int(name[4:])
     except ValueError:
       raise TopologyError(f"--topology={name}: expected cpu:N") from None
+    n *= num_slices
     cpu = jax.devices("cpu")
     if len(cpu) < n:
       raise TopologyError(
@@ -72,11 +75,13 @@ def topology_devices(name: str) -> tuple[list, chips_lib.Chip | None]:
   os.environ.setdefault("TPU_WORKER_HOSTNAMES", "localhost")
   from jax.experimental import topologies
   try:
-    desc = topologies.get_topology_desc(topology_name=name, platform="tpu")
+    extra = {"num_slices": num_slices} if num_slices > 1 else {}
+    desc = topologies.get_topology_desc(topology_name=name, platform="tpu",
+                                        **extra)
     if any(getattr(d, "core_on_chip", 0) for d in desc.devices):
       # v4 describes each TensorCore; JAX runs it as one device per chip
       desc = topologies.get_topology_desc(topology_name=name, platform="tpu",
-                                          chip_config_name="megacore")
+                                          chip_config_name="megacore", **extra)
   except Exception as e:  # libtpu's own message names the problem
     raise TopologyError(f"--topology={name}: {str(e).splitlines()[0]}") from None
   return list(desc.devices), chips_lib.for_topology(name)
@@ -175,11 +180,19 @@ def compile_step(config, devices):
   return setup, compiled, time.time() - start
 
 
-def report(config, topology: str = "") -> dict[str, Any]:
-  """Compile the step for `topology` and return the per-chip report."""
-  devices, chip = topology_devices(topology)
+def report(config, topology: str = "", num_slices: int = 1) -> dict[str, Any]:
+  """Compile the step for `topology` (num_slices copies of it, joined along
+  data parallelism: mesh.dcn_data) and return the per-chip report."""
+  if num_slices > 1:
+    dcn = config.mesh.get("dcn_data", 1)
+    if dcn not in (1, num_slices):
+      raise TopologyError(f"--num_slices={num_slices} but mesh.dcn_data={dcn}")
+    config = config.copy_and_resolve_references()
+    config.mesh.dcn_data = num_slices
+  devices, chip = topology_devices(topology, num_slices)
   setup, compiled, seconds = compile_step(config, devices)
-  return summarize(config, setup, compiled, chip, topology, seconds)
+  label = topology + (f" x {num_slices} slices" if num_slices > 1 else "")
+  return summarize(config, setup, compiled, chip, label, seconds)
 
 
 def by_dtype(stats: hlo_stats.ProgramStats) -> dict[str, float]:

@@ -27,7 +27,26 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
+def slices(mesh_cfg) -> int:
+  """mesh.dcn_data: slices (TPU) or DCN-connected groups, along data."""
+  dcn = int(mesh_cfg.get("dcn_data", 1))
+  if dcn < 1:
+    raise ConfigError(f"mesh.dcn_data must be >= 1, got {dcn}")
+  return dcn
+
+
 def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+  """(data, fsdp, tensor) of the whole mesh: the sizes apply per slice
+  (mesh.dcn_data slices), and the slices multiply the data axis."""
+  dcn = slices(mesh_cfg)
+  if num_devices % dcn:
+    raise ConfigError(f"mesh.dcn_data={dcn} does not divide the {num_devices} "
+                      "devices")
+  data, fsdp, tensor = _slice_shape(mesh_cfg, num_devices // dcn)
+  return data * dcn, fsdp, tensor
+
+
+def _slice_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
   fills = [i for i, s in enumerate(sizes) if s == -1]
   if len(fills) > 1 or any(s == 0 or s < -1 for s in sizes):
@@ -46,8 +65,25 @@ def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
 
 
 def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+  """The (data, fsdp, tensor) mesh. With mesh.dcn_data = S > 1 the data axis
+  is S slices x the per-slice data size (slices outermost, from each
+  device's slice_index): only data-parallel collectives (the gradient
+  all-reduce) cross slices; FSDP and tensor parallelism stay on ICI."""
   devices = list(devices if devices is not None else jax.devices())
   shape = mesh_shape(mesh_cfg, len(devices))
+  dcn = slices(mesh_cfg)
+  if dcn > 1:
+    per_slice = (shape[0] // dcn, shape[1], shape[2])
+    if hasattr(devices[0], "slice_index"):
+      found = len({d.slice_index for d in devices})
+      if found != dcn:
+        raise ConfigError(f"mesh.dcn_data={dcn}, but the devices span {found} "
+                          "slice(s)")
+      arr = mesh_utils.create_hybrid_device_mesh(per_slice, (dcn, 1, 1),
+                                                 devices)
+    else:  # no slices (CPU): consecutive device groups stand in for them
+      arr = np.asarray(devices).reshape(shape)
+    return Mesh(arr, MESH_AXES)
   try:  # topology-aware device order where the backend knows one
     arr = mesh_utils.create_device_mesh(shape, devices)
   except Exception:  # e.g. CPU or an irregular device count

@@ -77,12 +77,13 @@ def init_from_abstract(setup: Setup, path: str):
   return setup.abstract
 
 
-def dry_run(config, topology: str = "", json_path: str = "") -> dict:
+def dry_run(config, topology: str = "", json_path: str = "",
+            num_slices: int = 1) -> dict:
   """Compile the train step from shapes for `topology` (see dry_run.py),
   print the per-chip report; a step that does not fit is an error."""
   from bitnet_jax.scale import dry_run as dry_run_lib
   try:
-    report = dry_run_lib.report(config, topology)
+    report = dry_run_lib.report(config, topology, num_slices)
   except MemoryError as e:
     raise UserError(str(e)) from None
   print(dry_run_lib.format_report(report))
