@@ -151,6 +151,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.peak_flops = 0.0               # per-device peak FLOP/s for MFU; 0 = look up
   t.require_init_from = False      # refuse to start fresh (a4 continuation configs)
   t.allow_fresh_start = False      # start at step 0 although unreadable steps were set aside
+  t.preemption_check_every = 10   # multi-process: steps between agreeing on a
+                                   # SIGTERM seen by any process (a tiny collective)
   t.compile_cache_dir = "default"  # persistent XLA cache: default (~/.cache/bitnet_jax/xla),
                                    # a directory (or gs://), or "" (off)
   t.profile_start = -1             # jax.profiler trace from this step (-1: off) ...

@@ -141,3 +141,68 @@ def test_dcn_mesh_shape_and_errors():
   m.dcn_data = 0
   with pytest.raises(ConfigError, match="dcn_data must be >= 1"):
     sharding.mesh_shape(m, 8)
+
+
+def two_processes(workdir, corpus_file, port, stop_step=30, extra=()):
+  """Start the small run as a 2-process job on this machine."""
+  procs = []
+  for rank in range(2):
+    env = subprocess_env()
+    env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
+    args = [f"--config.{k}={v}" for k, v in dict(SMALL, **{
+        "data.paths": corpus_file, "train.stop_step": stop_step,
+        "train.ckpt_every": 100, "train.preemption_check_every": 4}).items()]
+    procs.append(subprocess.Popen(
+        [sys.executable, "-m", "bitnet_jax.train", "--config=configs/tiny.py",
+         f"--workdir={workdir}", "--distributed=on",
+         f"--coordinator_address=localhost:{port}", "--num_processes=2",
+         f"--process_id={rank}", *args, *extra],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
+  return procs
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path,
+                                                            corpus_file):
+  import json
+  import random
+  import re
+  import signal
+  import time
+  port = random.randint(21000, 39000)
+  procs = two_processes(tmp_path / "run", corpus_file, port)
+  # SIGTERM to process 1 only, once it is training
+  log1 = []
+  for line in procs[1].stdout:
+    log1.append(line)
+    if re.search(r"step [3-9]/30", line):
+      procs[1].send_signal(signal.SIGTERM)
+      break
+  log1 += procs[1].stdout.readlines()
+  log0 = procs[0].communicate(timeout=600)[0]
+  procs[1].wait(timeout=600)
+  logs = [log0, "".join(log1)]
+  saved = []
+  for p, log in zip(procs, logs):
+    assert p.returncode == 0, log[-3000:]
+    m = re.search(r"preempted: saved step (\d+)", log)
+    assert m, log[-3000:]
+    saved.append(int(m.group(1)))
+  assert saved[0] == saved[1] and saved[0] % 4 == 0 and saved[0] < 30
+  assert "another process was signalled" in logs[0]
+  # resumed, the run continues exactly as an uninterrupted one
+  for workdir, p in ((tmp_path / "run", port + 1), (tmp_path / "whole", port + 2)):
+    procs = two_processes(workdir, corpus_file, p)
+    outs = [q.communicate(timeout=600)[0] for q in procs]
+    assert all(q.returncode == 0 for q in procs), outs[0][-3000:]
+
+  def losses(workdir):
+    out = {}
+    for line in open(workdir / "metrics.jsonl"):
+      rec = json.loads(line)
+      if "loss" in rec:
+        out[rec["step"]] = rec["loss"]
+    return out
+  resumed, whole = losses(tmp_path / "run"), losses(tmp_path / "whole")
+  assert sorted(resumed) == sorted(whole) == list(range(1, 31))
+  assert resumed == whole

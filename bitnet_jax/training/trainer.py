@@ -15,7 +15,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import signal
 from typing import Any
 
 import jax
@@ -32,28 +31,13 @@ from bitnet_jax.scale import sharding
 from bitnet_jax.training import centring
 from bitnet_jax.training import compile_cache
 from bitnet_jax.training import profiling
+from bitnet_jax.training.preemption import Preemption
 from bitnet_jax.training import checkpoint as ckpt_lib
 from bitnet_jax.training import environment
 from bitnet_jax.training import metrics as metrics_lib
 from bitnet_jax.training import train_step as step_lib
 from bitnet_jax.training.run_setup import Setup, build
 from bitnet_jax.training import workdir_lock
-
-
-class Preemption:
-  """SIGTERM / SIGINT set a flag; the loop saves and exits at a step boundary."""
-
-  def __init__(self, install: bool = True):
-    self.requested = False
-    if install:
-      for sig in (signal.SIGTERM, signal.SIGINT):
-        signal.signal(sig, self._handle)
-
-  def _handle(self, signum, frame):
-    if self.requested and signum == signal.SIGINT:
-      raise KeyboardInterrupt  # a second Ctrl-C stops at once
-    logging.warning("signal %d: saving a checkpoint at the next step", signum)
-    self.requested = True
 
 
 class FrozenIteratorState:
@@ -190,6 +174,8 @@ def log_start(setup: Setup, config, workdir: str, tokens_per_step: int) -> None:
 def train(config, workdir: str, preemption: Preemption | None = None) -> dict:
   """Train until train.stop_step (or preemption); returns a summary dict."""
   preemption = preemption or Preemption(install=False)
+  preemption.every = config.train.get("preemption_check_every",
+                                      preemption.every)
   rundir.RunDir(workdir).prepare()
   compile_cache.enable(config.train.get("compile_cache_dir",
                                         compile_cache.DEFAULT))
@@ -357,7 +343,8 @@ class Loop:
           self.consume(*pending)
           pending = None
         self.analyze(state, done)
-      preempted = self.preemption.requested or self.ckpt.reached_preemption(done)
+      preempted = (self.preemption.agreed(done) or
+                   self.ckpt.reached_preemption(done))
       if done % train_cfg.ckpt_every == 0 or preempted:
         if pending is not None:  # a save counts only if this update is finite
           self.consume(*pending)
