@@ -153,6 +153,8 @@ def base_config() -> ml_collections.ConfigDict:
   t.allow_fresh_start = False      # start at step 0 although unreadable steps were set aside
   t.preemption_check_every = 10   # multi-process: steps between agreeing on a
                                    # SIGTERM seen by any process (a tiny collective)
+  t.wandb_project = ""             # Weights & Biases project ("" = off; needs
+                                   # requirements-ops.txt; WANDB_MODE=offline works)
   t.compile_cache_dir = "default"  # persistent XLA cache: default (~/.cache/bitnet_jax/xla),
                                    # a directory (or gs://), or "" (off)
   t.profile_start = -1             # jax.profiler trace from this step (-1: off) ...

@@ -168,7 +168,6 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path,
   import random
   import re
   import signal
-  import time
   port = random.randint(21000, 39000)
   procs = two_processes(tmp_path / "run", corpus_file, port)
   # SIGTERM to process 1 only, once it is training
@@ -206,3 +205,58 @@ def test_sigterm_to_one_process_stops_both_at_the_same_step(tmp_path,
   resumed, whole = losses(tmp_path / "run"), losses(tmp_path / "whole")
   assert sorted(resumed) == sorted(whole) == list(range(1, 31))
   assert resumed == whole
+
+
+def wandb_history(path: str) -> dict[int, dict]:
+  """{step: scalars} of an offline W&B run file: its log format (32 KiB
+  blocks of crc32 / length / type framed chunks after a 7-byte header)
+  holding wandb_internal_pb2.Record messages, read here without W&B."""
+  import json
+  import struct
+  from wandb.proto import wandb_internal_pb2
+  data = open(path, "rb").read()
+  pos, block, buf, out = 7, 32768, b"", {}
+  while pos + 7 <= len(data):
+    if block - pos % block < 7:
+      pos += block - pos % block
+      continue
+    _, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+    chunk, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+    if kind == 0:
+      break
+    buf = chunk if kind in (1, 2) else buf + chunk
+    if kind in (1, 4):
+      rec = wandb_internal_pb2.Record()
+      rec.ParseFromString(buf)
+      if rec.WhichOneof("record_type") == "history":
+        row = {i.key or "/".join(i.nested_key): json.loads(i.value_json)
+               for i in rec.history.item}
+        if "_step" in row:
+          out[int(row["_step"])] = row
+  return out
+
+
+@pytest.mark.slow
+def test_wandb_offline_holds_the_metrics_and_resumes_the_same_run(
+    tmp_path, corpus_file, monkeypatch):
+  pytest.importorskip("wandb")
+  import json
+  from bitnet_jax.training import trainer
+  monkeypatch.setenv("WANDB_MODE", "offline")
+  monkeypatch.setenv("WANDB_SILENT", "true")
+  for stop in (3, 5):  # the second call resumes the run
+    trainer.train(small_run_config(corpus_file, **{
+        "train.stop_step": stop, "train.ckpt_every": 3,
+        "train.wandb_project": "bitnet_jax_test"}), str(tmp_path))
+  run_id = (tmp_path / "wandb_run_id").read_text().strip()
+  runs = sorted(glob.glob(str(tmp_path / "wandb" / "offline-run-*")))
+  assert len(runs) == 2 and all(r.endswith(run_id) for r in runs)
+  logged = {}
+  for r in runs:
+    logged.update(wandb_history(glob.glob(os.path.join(r, "run-*.wandb"))[0]))
+  jsonl = {rec["step"]: rec for rec in map(json.loads, open(
+      tmp_path / "metrics.jsonl")) if "loss" in rec}
+  assert sorted(logged) == sorted(jsonl) == [1, 2, 3, 4, 5]
+  for step, rec in jsonl.items():
+    assert logged[step]["loss"] == pytest.approx(rec["loss"], rel=1e-12)
+    assert logged[step]["lr"] == pytest.approx(rec["lr"], rel=1e-12)

@@ -22,8 +22,11 @@ from bitnet_jax.errors import Diverged
 
 
 class MetricWriter:
-  def __init__(self, workdir: str, enabled: bool = True):
+  """metrics.jsonl, TensorBoard events and an optional tracker (process 0)."""
+
+  def __init__(self, workdir: str, enabled: bool = True, tracker=None):
     self.enabled = enabled
+    self.tracker = tracker if enabled else None
     self._tb = None
     self._jsonl = None
     if enabled:
@@ -41,6 +44,8 @@ class MetricWriter:
     self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
     self._jsonl.flush()
     self._tb.flush()
+    if self.tracker is not None:
+      self.tracker.log(step, clean)
 
   def mark(self, step: int, fields: Mapping) -> None:
     """A non-scalar row in metrics.jsonl (e.g. where a resumed run starts)."""
@@ -76,6 +81,8 @@ class MetricWriter:
     if self.enabled:
       self._tb.close()
       self._jsonl.close()
+      if self.tracker is not None:
+        self.tracker.close()
 
 
 def format_duration(seconds: float) -> str:

@@ -31,6 +31,7 @@ from bitnet_jax.scale import sharding
 from bitnet_jax.training import centring
 from bitnet_jax.training import compile_cache
 from bitnet_jax.training import profiling
+from bitnet_jax.training import tracker as tracker_lib
 from bitnet_jax.training.preemption import Preemption
 from bitnet_jax.training import checkpoint as ckpt_lib
 from bitnet_jax.training import environment
@@ -206,7 +207,10 @@ def _train_locked(setup: Setup, config, workdir: str, preemption) -> dict:
   data_iter = iter(train_ds)
   ckpt = ckpt_lib.Checkpointer(workdir, config.train.keep_ckpts,
                                config.train.async_ckpt)
-  writer = metrics_lib.MetricWriter(workdir, enabled=jax.process_index() == 0)
+  leader = jax.process_index() == 0
+  writer = metrics_lib.MetricWriter(
+      workdir, enabled=leader,
+      tracker=tracker_lib.make_tracker(config, workdir, leader))
   try:
     with setup.context():
       state, start, origin = initial_state(setup, config, ckpt, data_iter)
