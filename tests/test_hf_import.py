@@ -396,3 +396,34 @@ def test_conversion_experiment_smoke(tmp_path, b158_run, corpus_file):
   assert r["b1.58 exported and imported"] == pytest.approx(base, rel=0.01)
   assert abs(r["v2 a8, before training"] / base - 1) < \
       abs(r["v2_naive a8, before training"] / base - 1)
+
+
+def test_bad_checkpoints_are_one_line_naming_the_file(tmp_path, documents):
+  from bitnet_jax.errors import UserError
+  from bitnet_jax.hf import importer
+  hf_dir = tmp_path / "hf"
+  write_hf_dir(hf_dir, "master", documents)
+
+  def expect(match):
+    with pytest.raises(UserError, match=match) as e:
+      importer.import_checkpoint(str(hf_dir), str(tmp_path / "run"))
+    assert "\n" not in str(e.value)
+
+  cfg = json.loads((hf_dir / "config.json").read_text())
+  (hf_dir / "config.json").write_text(json.dumps(dict(cfg, model_type="llama")))
+  expect("config.json: model_type 'llama' is not bitnet")
+  (hf_dir / "config.json").write_text(json.dumps(dict(cfg, hidden_size=48)))
+  expect("vs its config.json: parameter embed/embedding has shape")
+  (hf_dir / "config.json").write_text(json.dumps(cfg))
+  (hf_dir / "tokenizer.json").rename(hf_dir / "other.json")
+  expect("has no tokenizer.json")
+  (hf_dir / "other.json").rename(hf_dir / "tokenizer.json")
+  (hf_dir / "model.safetensors").rename(hf_dir / "model-00001-of-00002.safetensors")
+  (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+      "a": "model-00001-of-00002.safetensors",
+      "b": "model-00002-of-00002.safetensors"}}))
+  expect("shard model-00002-of-00002.safetensors .* is missing")
+  (hf_dir / "model.safetensors.index.json").unlink()
+  expect("has no model.safetensors")
+  (hf_dir / "config.json").unlink()
+  expect("has no config.json")

@@ -35,9 +35,18 @@ def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
   else:
     raise MissingInput(f"{hf_dir} has no model.safetensors (nor an index of "
                        "shards)")
+  missing = [f for f in files if not os.path.exists(os.path.join(hf_dir, f))]
+  if missing:
+    raise MissingInput(f"{hf_dir}: shard {missing[0]} (listed in "
+                       "model.safetensors.index.json) is missing")
   out = {}
   for name in files:
-    for key, value in load_file(os.path.join(hf_dir, name)).items():
+    try:
+      tensors = load_file(os.path.join(hf_dir, name))
+    except Exception as e:  # safetensors raises its own error types
+      raise InputError(f"{os.path.join(hf_dir, name)} is not a safetensors "
+                       f"file: {str(e).splitlines()[0][:200]}") from None
+    for key, value in tensors.items():
       a = np.asarray(value) if value.dtype == np.uint8 else \
           np.asarray(value.astype("float32"))
       out[key] = a
@@ -86,6 +95,9 @@ def import_checkpoint(hf_dir: str, workdir: str, seq_len: int = 0,
   tok_path = os.path.join(hf_dir, rundir.TOKENIZER_JSON)
   if not os.path.exists(tok_path):  # a sentencepiece model (our exports)
     tok_path = os.path.join(hf_dir, rundir.TOKENIZER)
+  if not os.path.exists(tok_path):
+    raise MissingInput(f"{hf_dir} has no {rundir.TOKENIZER_JSON} (nor a "
+                       f"sentencepiece {rundir.TOKENIZER})")
   tokenizer = tokenizer_lib.load(tok_path)
   if tokenizer.vocab_size > model_cfg.vocab_size:
     raise InputError(f"{tok_path} has {tokenizer.vocab_size} tokens, the "
@@ -97,10 +109,17 @@ def import_checkpoint(hf_dir: str, workdir: str, seq_len: int = 0,
     params = weights.to_params(tensors, hf_config)
   except KeyError as e:
     raise InputError(f"{hf_dir}: {e.args[0]}") from None
+  except ValueError as e:  # a tensor whose shape the config does not allow
+    raise InputError(f"{hf_dir}: a weight does not fit config.json ({e})"
+                     ) from None
+  from bitnet_jax.training.checkpoint import check_param_shapes
+  try:
+    check_param_shapes(params, param_shapes(model_cfg),
+                       f"{hf_dir} vs its config.json")
+  except ValueError as e:
+    raise InputError(str(e)) from None
   if to_variant == "v2":
     params = weights.rotate_for_v2(params, model_cfg.hadamard_block_size)
-  from bitnet_jax.training.checkpoint import check_param_shapes
-  check_param_shapes(params, param_shapes(model_cfg), f"{hf_dir} vs its config")
   params = jax.tree.map(jax.numpy.asarray, params)
   tx = optimizer.make_optimizer(config.opt, config.train.num_steps)
   state = train_step.TrainState(step=jax.numpy.zeros((), jax.numpy.int32),
