@@ -220,10 +220,10 @@ def tpu_program(matmul: str):
   (libtpu, no TPU): (optimized HLO, bytes per step of the all-gathers inside
   the scanned layers by dtype: the weight gathers, norm scales in f32)."""
   from bitnet_jax.scale import fit_table
-  config = fit_table.load_config("400m")
-  config.model.num_layers = 2
+  config = fit_table.load_config("400m")   # its layout and remat, made small
+  config.model.update(num_layers=2, d_model=256, d_ff=512, num_heads=4,
+                      num_kv_heads=0, vocab_size=1024, seq_len=128)
   config.data.batch_size = 8
-  config.model.seq_len = 512
   config.quant.train_matmul = matmul
   devices, _ = dry_run.topology_devices("v5p:2x2x1")
   setup, compiled, _ = dry_run.compile_step(config, devices)
@@ -256,7 +256,8 @@ def test_tpu_step_multiplies_integers_and_gathers_half_the_bytes():
   for site in ("qkv", "/o/", "up_gate", "down"):
     assert re.search(r"= s32\[[\d,]*\]\{[^}]*\} (dot|convolution)\([^\n]*"
                      r"op_name=\"[^\"]*" + re.escape(site), text), site
-  assert set(gathered) == {"s8", "f32"}, gathered   # no float kernel gathered
+  assert "s8" in gathered and set(gathered) <= {"s8", "f32"}, gathered  # no
+  # float kernel is gathered (f32: norm scales, when the compiler gathers them)
   assert kernels <= gathered["s8"] <= 0.5 * (2 * 2 * kernels), (gathered,
                                                                 kernels)
 
