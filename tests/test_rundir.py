@@ -85,5 +85,6 @@ def test_only_rundir_spells_the_layout():
         if (isinstance(node, ast.Constant) and node.value in LAYOUT and
             id(node) not in docstrings):
           offenders.append(f"{os.path.relpath(path, ROOT)}:{node.lineno}")
-  allowed = {"bitnet_jax/defaults.py"}  # a config default, not a run file
+  allowed = {"bitnet_jax/defaults.py",   # a config default, not a run file
+             "bitnet_jax/hf/layout.py"}  # the Hugging Face directory's layout
   assert [o for o in offenders if o.split(":")[0] not in allowed] == []

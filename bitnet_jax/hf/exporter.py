@@ -127,12 +127,12 @@ def export_hf(pre, out_dir: str, fmt: str = "hf") -> dict:
   flat = tensors(pre.params, cfg, fmt)
   os.makedirs(out_dir, exist_ok=True)
   save_file({k: jnp.asarray(v) for k, v in flat.items()},
-            os.path.join(out_dir, "model.safetensors"),
+            os.path.join(out_dir, layout.WEIGHTS_FILE),
             metadata={"format": "pt"})
-  with open(os.path.join(out_dir, "config.json"), "w") as f:
+  with open(os.path.join(out_dir, layout.CONFIG_FILE), "w") as f:
     json.dump(hf_config(cfg, pre.tokenizer, fmt), f, indent=2)
   pre.tokenizer.save(os.path.join(out_dir, pre.tokenizer.filename))
   return {"tensors": len(flat), "format": fmt,
           "tokenizer": pre.tokenizer.filename,
-          "bytes": os.path.getsize(os.path.join(out_dir, "model.safetensors"))}
+          "bytes": os.path.getsize(os.path.join(out_dir, layout.WEIGHTS_FILE))}
 

@@ -26,12 +26,12 @@ from bitnet_jax.hf import layout, weights
 def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
   """Every tensor of the checkpoint, as numpy (bf16 widened to float32)."""
   from safetensors.flax import load_file
-  index = os.path.join(hf_dir, "model.safetensors.index.json")
+  index = os.path.join(hf_dir, layout.INDEX_FILE)
   if os.path.exists(index):
     with open(index) as f:
       files = sorted(set(json.load(f)["weight_map"].values()))
-  elif os.path.exists(os.path.join(hf_dir, "model.safetensors")):
-    files = ["model.safetensors"]
+  elif os.path.exists(os.path.join(hf_dir, layout.WEIGHTS_FILE)):
+    files = [layout.WEIGHTS_FILE]
   else:
     raise MissingInput(f"{hf_dir} has no model.safetensors (nor an index of "
                        "shards)")
@@ -81,7 +81,7 @@ def import_checkpoint(hf_dir: str, workdir: str, seq_len: int = 0,
   from bitnet_jax.model import ModelConfig, param_shapes
   from bitnet_jax.training import checkpoint as ckpt_lib
   from bitnet_jax.training import optimizer, train_step
-  path = os.path.join(hf_dir, "config.json")
+  path = os.path.join(hf_dir, layout.CONFIG_FILE)
   if not os.path.exists(path):
     raise MissingInput(f"{hf_dir} has no config.json: not a Hugging Face "
                        "model directory")

@@ -23,6 +23,9 @@ from __future__ import annotations
 
 import numpy as np
 
+CONFIG_FILE = "config.json"               # the Hugging Face directory's files
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
 PROJECTIONS = {  # HF projection -> (block, its norm)
     "q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn",
     "o_proj": "self_attn", "gate_proj": "mlp", "up_proj": "mlp",
