@@ -89,8 +89,9 @@ def tensors(params, cfg, fmt: str) -> dict[str, np.ndarray]:
   if not cfg.tie_embeddings:
     out["lm_head.weight"] = _bf16(np.asarray(params["head"]["kernel"]).T)
   shared = {}  # weight_scale='tensor': one alpha per fused kernel
+  stacked = jax.tree.map(np.asarray, params["layers"])  # to the host once
   for i in range(cfg.num_layers):
-    layer = jax.tree.map(lambda x: np.asarray(x)[i], params["layers"])
+    layer = jax.tree.map(lambda x: x[i], stacked)
     if cfg.weight_scale == "tensor":
       for site, block in (("qkv", "attn"), ("o", "attn"), ("up_gate", "ffn"),
                           ("down", "ffn")):
