@@ -23,6 +23,7 @@ import sys
 import time
 
 from absl import flags
+from etils import epath
 
 from bitnet_jax import cli
 from bitnet_jax.errors import ConfigError, MissingInput
@@ -53,8 +54,8 @@ def main(argv):
   batch_file = FLAGS["batch-file"].value
   if batch_file:
     try:
-      with open(batch_file) as f:
-        prompts += [line.rstrip("\n") for line in f if line.strip()]
+      text = epath.Path(batch_file).read_text()
+      prompts += [line for line in text.splitlines() if line.strip()]
     except OSError as e:
       raise MissingInput(f"--batch-file: {e}") from None
   if not prompts:

@@ -29,11 +29,11 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shutil
 import sys
 
-from bitnet_jax import cli, rundir
+from etils import epath
+
+from bitnet_jax import cli, rundir, storage
 from bitnet_jax.baselines.rotation_ptq import (METHODS, calibration_rows,
                                                ptq_config, quantize, write_run)
 from bitnet_jax.errors import ConfigError
@@ -77,13 +77,13 @@ def main(argv):
   from bitnet_jax.evaluation.perplexity import corpus_documents
   f = flags.FLAGS
   cli.require("method", "workdir", "out")
-  if os.path.abspath(f.out) == os.path.abspath(f.workdir):
+  if storage.same_path(f.out, f.workdir):
     raise app.UsageError("--out must differ from --workdir")
   if rundir.RunDir(f.out).checkpoints.exists():
     if not f.overwrite:
       raise ConfigError(f"{f.out} already holds a run; pass --overwrite to "
                         "replace it")
-    shutil.rmtree(f.out)
+    epath.Path(f.out).rmtree()
   pre = pretrained.load(f.workdir, step=cli.checkpoint_step())
   ptq_config(pre.model_cfg, f.method, f.fuse_rotation, f.act_bits)
   rows = None

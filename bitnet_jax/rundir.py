@@ -9,7 +9,7 @@ ptq.json; `evaluate`, `analyze`, `export`, `generate` and the study read it):
   tokenizer.model      its sentencepiece model (unless data.tokenizer names one)
   checkpoints/<step>/  orbax steps: state/ (params, optimizer) and data/
   metrics.jsonl        one JSON object per logged step (metrics.py)
-  train.log            the log of the latest session
+  train.log            the log, appended to by each session (process 0)
   tensorboard/         TensorBoard events
   summary.json         the last session's summary (final_step, preempted, ...)
   train.lock           the lease of the trainer running on it (workdir_lock)
@@ -26,6 +26,7 @@ import os
 from etils import epath
 import ml_collections
 
+from bitnet_jax import storage
 from bitnet_jax.errors import MissingInput, UserError
 
 CONFIG = "config.json"
@@ -97,7 +98,7 @@ class RunDir:
     return ml_collections.ConfigDict(migrate(json.loads(path.read_text())))
 
   def write_config(self, config: ml_collections.ConfigDict) -> None:
-    (self.path / CONFIG).write_text(config.to_json_best_effort(indent=2))
+    storage.write_atomic(self.path / CONFIG, config.to_json_best_effort(indent=2))
 
   # summary.json -----------------------------------------------------------
 
@@ -106,7 +107,7 @@ class RunDir:
     return json.loads(path.read_text()) if path.exists() else None
 
   def write_summary(self, summary: dict) -> None:
-    (self.path / SUMMARY).write_text(json.dumps(summary, indent=2))
+    storage.write_atomic(self.path / SUMMARY, json.dumps(summary, indent=2))
 
   # tokenizer --------------------------------------------------------------
 

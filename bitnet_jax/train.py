@@ -106,6 +106,8 @@ def main(argv):
     return
   summary = trainer.train(config, FLAGS.workdir, trainer.Preemption())
   logging.info("done: %s", json.dumps(summary))
+  from bitnet_jax.training import metrics
+  metrics.sync_log_file(force=True)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from typing import Sequence
 
 from etils import epath
 
+from bitnet_jax import storage
 from bitnet_jax.errors import ConfigError, InputError, MissingField, MissingInput
 
 SOURCES = ("stdlib", "text", "jsonl", "tfds")
@@ -92,12 +93,13 @@ def expand_paths(spec: str) -> list[str]:
   files = []
   for part in parts:
     if glob.has_magic(part):
-      matched = sorted(f for f in glob.glob(part, recursive=True)
-                       if os.path.isfile(f))
+      matched = (remote_glob(part) if storage.is_remote(part) else
+                 sorted(f for f in glob.glob(part, recursive=True)
+                        if os.path.isfile(f)))
       if not matched:
         raise MissingInput(f"data.paths: glob {part!r} matched no files")
       files.extend(matched)
-    elif os.path.isdir(part):
+    elif epath.Path(part).is_dir():
       raise InputError(f"data.paths: {part!r} is a directory; use a glob "
                               f"such as {os.path.join(part, '*.txt')!r}")
     elif not epath.Path(part).exists():
@@ -105,6 +107,17 @@ def expand_paths(spec: str) -> list[str]:
     else:
       files.append(part)
   return files
+
+
+def remote_glob(pattern: str) -> list[str]:
+  """Files matching a glob on an object store (gs://B/dir/*.txt; one level
+  per `*`: object stores list recursively only by prefix)."""
+  head, *rest = pattern.split("://", 1)[1].split("/")
+  parts = [head] + rest
+  fixed = next(i for i, p in enumerate(parts) if glob.has_magic(p))
+  base = epath.Path(pattern.split("://")[0] + "://" + "/".join(parts[:fixed]))
+  return sorted(str(f) for f in base.glob("/".join(parts[fixed:]))
+                if f.is_file())
 
 
 def read_text(path: str, warn: bool = True) -> str:

@@ -16,6 +16,7 @@ from typing import Sequence
 
 from etils import epath
 
+from bitnet_jax import storage
 from bitnet_jax.errors import InputError, MissingInput
 
 FILENAME = "tokenizer.json"
@@ -96,8 +97,4 @@ class JsonTokenizer:
 
   def save(self, path: str | os.PathLike) -> None:
     """Write the JSON atomically."""
-    p = epath.Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.parent / (p.name + ".tmp")
-    tmp.write_text(self._text)
-    tmp.replace(p)
+    storage.write_atomic(path, self._text)

@@ -30,10 +30,12 @@ import time
 from typing import Any, Iterator, Sequence
 
 from absl import flags
+from etils import epath
 import grain
 import grain.experimental as grain_exp
 import numpy as np
 
+from bitnet_jax import storage
 from bitnet_jax.errors import ConfigError, InputError
 from bitnet_jax.data.tokenizer import Tokenizer
 
@@ -214,13 +216,11 @@ def eval_batches(docs: Sequence[str], tokenizer: Tokenizer, data, *,
 
 def save_iterator_state(iterator, path: str) -> None:
   """Serialise a grain iterator's position to a JSON file."""
-  with open(path, "w") as f:
-    json.dump(iterator.get_state(), f)
+  storage.write_atomic(path, json.dumps(iterator.get_state()))
 
 
 def restore_iterator_state(iterator, path: str) -> None:
-  with open(path) as f:
-    iterator.set_state(json.load(f))
+  iterator.set_state(json.loads(epath.Path(path).read_text()))
 
 
 def measure_throughput(iterator: Iterator[dict[str, Any]], num_batches: int

@@ -22,7 +22,7 @@ from typing import Callable, Iterable, Sequence
 from etils import epath
 import sentencepiece as spm
 
-from bitnet_jax import rundir
+from bitnet_jax import rundir, storage
 from bitnet_jax.errors import InputError, MissingInput
 
 
@@ -84,11 +84,7 @@ class Tokenizer:
 
   def save(self, path: str | os.PathLike) -> None:
     """Write the model atomically (a reader never sees a partial file)."""
-    p = epath.Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.parent / (p.name + ".tmp")
-    tmp.write_bytes(self._proto)
-    tmp.replace(p)  # atomic, and overwrites an older model
+    storage.write_atomic(path, self._proto)
 
 
 def load(path: str | os.PathLike):

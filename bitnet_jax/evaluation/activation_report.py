@@ -6,13 +6,13 @@ See the command's docstring for usage.
 from __future__ import annotations
 
 import json
-import os
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax import sites
+from bitnet_jax import sites, storage
 from bitnet_jax.evaluation import activation_stats
 from bitnet_jax.evaluation.activation_stats import STAGES, make_summarizer
 
@@ -35,7 +35,7 @@ def run_label(pre) -> str:
   name = {"v2": "BitNet v2", "b1.58": "BitNet b1.58", "a4.8": "BitNet a4.8",
           "fp": "float"}.get(cfg.variant, cfg.variant)
   bits = "" if cfg.variant == "fp" else f" a{cfg.act_bits}"
-  return f"{name}{bits} ({os.path.basename(os.path.normpath(pre.workdir))})"
+  return f"{name}{bits} ({epath.Path(pre.workdir).name})"
 
 
 def write_figures(out_dir: str, runs: dict[str, dict]) -> list[str]:
@@ -66,10 +66,10 @@ def write_figures(out_dir: str, runs: dict[str, dict]) -> list[str]:
                     f"max/mean {float(s['max_over_mean']):.1f}", fontsize=7)
     fig.suptitle(f"{layer}: inputs of {sites.BY_NAME[site].title}", fontsize=9)
     fig.subplots_adjust(top=0.72, bottom=0.2, wspace=0.3)
-    path = os.path.join(out_dir, f"{layer}_{site}.png")
-    fig.savefig(path, dpi=100)
+    path = epath.Path(out_dir) / f"{layer}_{site}.png"
+    storage.write_figure(fig, path)
     plt.close(fig)
-    written.append(path)
+    written.append(str(path))
   return written
 
 
@@ -87,9 +87,9 @@ def analyze(pres: list, docs: list[str], out_dir: str, num_seqs: int = 8,
     runs[label] = jax.device_get(summarizer(pre.params, jnp.asarray(tokens)))
   summary = {label: {k: to_json(v) for k, v in sorted(stats.items())}
              for label, stats in runs.items()}
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, "summary.json"), "w") as f:
-    json.dump({"data": f"{data_desc}, {tokens.shape[0]} x {tokens.shape[1]} "
-                       "tokens", "runs": summary}, f, indent=2)
+  out = storage.makedirs(out_dir)
+  (out / "summary.json").write_text(json.dumps(
+      {"data": f"{data_desc}, {tokens.shape[0]} x {tokens.shape[1]} tokens",
+       "runs": summary}, indent=2))
   files = write_figures(out_dir, runs) if figures else []
   return {"runs": summary, "figures": files}

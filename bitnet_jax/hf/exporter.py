@@ -19,11 +19,10 @@ SwiGLU GLU and no post-RoPE Q/K/V quantization.
 from __future__ import annotations
 
 import json
-import os
 
 import numpy as np
 
-from bitnet_jax import policy, quant
+from bitnet_jax import policy, quant, storage
 from bitnet_jax.errors import ConfigError
 from bitnet_jax.hf import layout
 
@@ -122,18 +121,16 @@ def tensors(params, cfg, fmt: str) -> dict[str, np.ndarray]:
 def export_hf(pre, out_dir: str, fmt: str = "hf") -> dict:
   """Write config.json, model.safetensors and the tokenizer file."""
   import jax.numpy as jnp
-  from safetensors.flax import save_file
   cfg = pre.model_cfg
   check_exportable(cfg, fmt)
   flat = tensors(pre.params, cfg, fmt)
-  os.makedirs(out_dir, exist_ok=True)
-  save_file({k: jnp.asarray(v) for k, v in flat.items()},
-            os.path.join(out_dir, layout.WEIGHTS_FILE),
-            metadata={"format": "pt"})
-  with open(os.path.join(out_dir, layout.CONFIG_FILE), "w") as f:
-    json.dump(hf_config(cfg, pre.tokenizer, fmt), f, indent=2)
-  pre.tokenizer.save(os.path.join(out_dir, pre.tokenizer.filename))
+  out = storage.makedirs(out_dir)
+  nbytes = storage.save_safetensors(
+      {k: jnp.asarray(v) for k, v in flat.items()}, out / layout.WEIGHTS_FILE,
+      metadata={"format": "pt"}, framework="flax")
+  (out / layout.CONFIG_FILE).write_text(
+      json.dumps(hf_config(cfg, pre.tokenizer, fmt), indent=2))
+  pre.tokenizer.save(out / pre.tokenizer.filename)
   return {"tensors": len(flat), "format": fmt,
-          "tokenizer": pre.tokenizer.filename,
-          "bytes": os.path.getsize(os.path.join(out_dir, layout.WEIGHTS_FILE))}
+          "tokenizer": pre.tokenizer.filename, "bytes": nbytes}
 

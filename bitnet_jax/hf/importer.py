@@ -16,35 +16,35 @@ import json
 import logging
 import os
 
+from etils import epath
 import numpy as np
 
-from bitnet_jax import defaults, rundir
+from bitnet_jax import defaults, rundir, storage
 from bitnet_jax.errors import InputError, MissingInput
 from bitnet_jax.hf import layout, weights
 
 
 def read_tensors(hf_dir: str) -> dict[str, np.ndarray]:
   """Every tensor of the checkpoint, as numpy (bf16 widened to float32)."""
-  from safetensors.flax import load_file
-  index = os.path.join(hf_dir, layout.INDEX_FILE)
-  if os.path.exists(index):
-    with open(index) as f:
-      files = sorted(set(json.load(f)["weight_map"].values()))
-  elif os.path.exists(os.path.join(hf_dir, layout.WEIGHTS_FILE)):
+  root = epath.Path(hf_dir)
+  index = root / layout.INDEX_FILE
+  if index.exists():
+    files = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+  elif (root / layout.WEIGHTS_FILE).exists():
     files = [layout.WEIGHTS_FILE]
   else:
     raise MissingInput(f"{hf_dir} has no model.safetensors (nor an index of "
                        "shards)")
-  missing = [f for f in files if not os.path.exists(os.path.join(hf_dir, f))]
+  missing = [f for f in files if not (root / f).exists()]
   if missing:
     raise MissingInput(f"{hf_dir}: shard {missing[0]} (listed in "
                        "model.safetensors.index.json) is missing")
   out = {}
   for name in files:
     try:
-      tensors = load_file(os.path.join(hf_dir, name))
+      tensors, _ = storage.load_safetensors(root / name, framework="flax")
     except Exception as e:  # safetensors raises its own error types
-      raise InputError(f"{os.path.join(hf_dir, name)} is not a safetensors "
+      raise InputError(f"{root / name} is not a safetensors "
                        f"file: {str(e).splitlines()[0][:200]}") from None
     for key, value in tensors.items():
       a = np.asarray(value) if value.dtype == np.uint8 else \
@@ -81,21 +81,21 @@ def import_checkpoint(hf_dir: str, workdir: str, seq_len: int = 0,
   from bitnet_jax.model import ModelConfig, param_shapes
   from bitnet_jax.training import checkpoint as ckpt_lib
   from bitnet_jax.training import optimizer, train_step
-  path = os.path.join(hf_dir, layout.CONFIG_FILE)
-  if not os.path.exists(path):
+  root = epath.Path(hf_dir)
+  path = root / layout.CONFIG_FILE
+  if not path.exists():
     raise MissingInput(f"{hf_dir} has no config.json: not a Hugging Face "
                        "model directory")
-  with open(path) as f:
-    hf_config = json.load(f)
+  hf_config = json.loads(path.read_text())
   try:
     config = run_config(hf_config, seq_len, to_variant)
   except (KeyError, ValueError) as e:
     raise InputError(f"{path}: {e}") from None
   model_cfg = ModelConfig.from_config(config)  # v2: checks Hadamard sizes
-  tok_path = os.path.join(hf_dir, rundir.TOKENIZER_JSON)
-  if not os.path.exists(tok_path):  # a sentencepiece model (our exports)
-    tok_path = os.path.join(hf_dir, rundir.TOKENIZER)
-  if not os.path.exists(tok_path):
+  tok_path = root / rundir.TOKENIZER_JSON
+  if not tok_path.exists():  # a sentencepiece model (our exports)
+    tok_path = root / rundir.TOKENIZER
+  if not tok_path.exists():
     raise MissingInput(f"{hf_dir} has no {rundir.TOKENIZER_JSON} (nor a "
                        f"sentencepiece {rundir.TOKENIZER})")
   tokenizer = tokenizer_lib.load(tok_path)
@@ -134,7 +134,8 @@ def import_checkpoint(hf_dir: str, workdir: str, seq_len: int = 0,
   ckpt = ckpt_lib.Checkpointer(workdir, keep=1, async_save=False)
   ckpt.save(0, state, None, force=True)
   ckpt.close()
-  info = {"source": os.path.abspath(hf_dir), "form": form,
+  info = {"source": hf_dir if storage.is_remote(hf_dir) else
+          os.path.abspath(hf_dir), "form": form,
           "variant": to_variant,
           "params": int(sum(np.size(x) for x in jax.tree.leaves(params))),
           "tokenizer_tokens": tokenizer.vocab_size}

@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 
+from etils import epath
 import jax
 import numpy as np
 
 from bitnet_jax import packing, policy
-from bitnet_jax import quant, rundir, sites
+from bitnet_jax import quant, rundir, sites, storage
 from bitnet_jax.errors import ConfigError, InputError, MissingInput
 from bitnet_jax.model import ModelConfig, param_shapes
 from bitnet_jax.rotations import rotate_input_axis
@@ -109,7 +109,6 @@ def size_report(latent_params, exported) -> dict:
 
 def export(pre, out_dir: str, weights: str = "packed",
            float_dtype: str = "bfloat16") -> dict:
-  from safetensors.numpy import save_file
   exported = inference_params(pre.params, pre.model_cfg, weights, float_dtype)
   run = rundir.RunDir(out_dir)  # config.json and tokenizer.model as a run's
   run.prepare()
@@ -119,33 +118,29 @@ def export(pre, out_dir: str, weights: str = "packed",
   dtypes = {k: str(v.dtype) for k, v in flat.items()}
   stored = {k: (v.view(np.uint16) if v.dtype == jax.numpy.bfloat16 else v)
             for k, v in flat.items()}
-  path = os.path.join(out_dir, WEIGHTS_FILE)
-  save_file(stored, path, metadata={"model": json.dumps(model),
-                                    "dtypes": json.dumps(dtypes),
-                                    "format": "bitnet_jax/1"})
+  nbytes = storage.save_safetensors(
+      stored, run.path / WEIGHTS_FILE,
+      metadata={"model": json.dumps(model), "dtypes": json.dumps(dtypes),
+                "format": "bitnet_jax/1"})
   run.write_config(pre.config)
   pre.tokenizer.save(run.path / pre.tokenizer.filename)
   report = size_report(pre.params, exported)
-  report.update(file_bytes=os.path.getsize(path), weights=weights,
-                float_dtype=float_dtype, step=pre.step, source=pre.workdir)
-  with open(os.path.join(out_dir, "export.json"), "w") as f:
-    json.dump(report, f, indent=2)
+  report.update(file_bytes=nbytes, weights=weights,
+                float_dtype=float_dtype, step=pre.step, source=str(pre.workdir))
+  (run.path / "export.json").write_text(json.dumps(report, indent=2))
   return report
 
 
 def load_weights(model_dir: str):
   """(ModelConfig, params) of an exported model; clear errors for a missing,
   truncated or mismatched file."""
-  from safetensors import SafetensorError, safe_open
-  from safetensors.numpy import load_file
-  path = os.path.join(model_dir, WEIGHTS_FILE)
-  if not os.path.exists(path):
+  from safetensors import SafetensorError
+  path = epath.Path(model_dir) / WEIGHTS_FILE
+  if not path.exists():
     raise MissingInput(f"{model_dir} has no {WEIGHTS_FILE}: not an "
                             "exported model (python -m bitnet_jax.export)")
   try:
-    with safe_open(path, "numpy") as f:
-      meta = f.metadata() or {}
-    flat = load_file(path)
+    flat, meta = storage.load_safetensors(path)
   except (SafetensorError, OSError, ValueError) as e:
     raise InputError(f"{path} is truncated or corrupt: {e}") from e
   if meta.get("format") != "bitnet_jax/1":

@@ -7,9 +7,9 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Sequence
 
+from etils import epath
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -126,9 +126,9 @@ def load(path: str, **overrides):
   from bitnet_jax.inference import exported as export
   from bitnet_jax.inference import pretrained
   from bitnet_jax.data import tokenizer as tokenizer_lib
-  if not os.path.isdir(path):
+  if not epath.Path(path).is_dir():
     raise MissingInput(f"{path} is not a directory")
-  if not os.path.exists(os.path.join(path, export.WEIGHTS_FILE)):
+  if not (epath.Path(path) / export.WEIGHTS_FILE).exists():
     return pretrained.load(path, **overrides)
   cfg, params = export.load_weights(path)
   run = rundir.RunDir(path)

@@ -3,7 +3,9 @@
 A restarted or resumed run loads its compiled train / eval steps from disk
 instead of recompiling them. The default directory is under the user's cache
 directory ($XDG_CACHE_HOME or ~/.cache)/bitnet_jax/xla, or the one JAX's own
-JAX_COMPILATION_CACHE_DIR names; an empty string turns the cache off. A gs:// directory works on TPU VMs (shared by every host).
+JAX_COMPILATION_CACHE_DIR names; an empty string turns the cache off. A
+gs:// directory (JAX reads and writes it through etils.epath) is shared by
+every host of a pod.
 Executables are keyed by the program, the compiler version and flags, so a
 changed config or library compiles anew.
 """
@@ -13,6 +15,8 @@ import logging
 import os
 
 import jax
+
+from bitnet_jax import storage
 
 DEFAULT = "default"
 
@@ -33,8 +37,7 @@ def enable(setting: str) -> str:
   if not path:
     jax.config.update("jax_compilation_cache_dir", None)
     return ""
-  if "://" not in path:
-    os.makedirs(path, exist_ok=True)
+  storage.makedirs(path)
   jax.config.update("jax_compilation_cache_dir", path)
   # every step program is worth keeping, however fast it compiled (unless
   # the environment says otherwise)

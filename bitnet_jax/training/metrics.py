@@ -11,13 +11,12 @@ from __future__ import annotations
 import json
 import logging
 import math
-import os
 import time
 from typing import Mapping
 
 import numpy as np
 
-from bitnet_jax import rundir
+from bitnet_jax import rundir, storage
 from bitnet_jax.errors import Diverged
 
 
@@ -32,8 +31,9 @@ class MetricWriter:
     if enabled:
       import tensorboardX  # light, TensorFlow-free event writer
       run = rundir.RunDir(workdir)
-      self._tb = tensorboardX.SummaryWriter(os.fspath(run / rundir.TENSORBOARD))
-      self._jsonl = (run / rundir.METRICS).open("a")
+      self._tb = tensorboardX.SummaryWriter(
+          storage.tensorboard_logdir(run / rundir.TENSORBOARD))
+      self._jsonl = storage.GrowingFile(run / rundir.METRICS)
 
   def scalars(self, step: int, metrics: Mapping[str, float]) -> None:
     if not self.enabled:
@@ -42,8 +42,9 @@ class MetricWriter:
     for k, v in clean.items():
       self._tb.add_scalar(k, v, step)
     self._jsonl.write(json.dumps({"step": int(step), **clean}) + "\n")
-    self._jsonl.flush()
+    self._jsonl.flush()  # on a remote store: at most every REMOTE_FLUSH_S
     self._tb.flush()
+    sync_log_file()
     if self.tracker is not None:
       self.tracker.log(step, clean)
 
@@ -77,8 +78,17 @@ class MetricWriter:
           global_step=step)
     self.scalars(step, scalars)
 
+  def flush(self) -> None:
+    """Everything written so far onto storage (a remote store included:
+    called when a checkpoint is saved, so metrics never lag a checkpoint)."""
+    if self.enabled:
+      self._tb.flush()
+      self._jsonl.flush(force=True)
+      sync_log_file(force=True)
+
   def close(self) -> None:
     if self.enabled:
+      self.flush()
       self._tb.close()
       self._jsonl.close()
       if self.tracker is not None:
@@ -179,17 +189,28 @@ def quiet_library_logs() -> None:
       logger.addFilter(_FILTER)
 
 
-_FILE_HANDLER: list[logging.Handler] = []
+_FILE_HANDLER: list[storage.GrowingFileHandler] = []
 
 
-def log_to_file(workdir: str) -> None:
-  """Also write the log to <workdir>/train.log (replacing an earlier run's)."""
+def sync_log_file(force: bool = False) -> None:
+  """train.log onto a remote store (throttled unless forced; a no-op for a
+  local file, which every record is flushed to)."""
+  for handler in _FILE_HANDLER:
+    handler.sync(force)
+
+
+def log_to_file(workdir: str, enabled: bool = True) -> None:
+  """Also append the log to <workdir>/train.log (process 0 only: on an object
+  store each writer rewrites the whole file, so a second one would clobber)."""
   root = logging.getLogger()
   while _FILE_HANDLER:
     old = _FILE_HANDLER.pop()
     root.removeHandler(old)
+    old.sync(force=True)
     old.close()
-  handler = logging.FileHandler(os.fspath(rundir.RunDir(workdir) / rundir.LOG))
+  if not enabled:
+    return
+  handler = storage.GrowingFileHandler(rundir.RunDir(workdir) / rundir.LOG)
   handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
   handler.addFilter(_FILTER)
   root.addHandler(handler)

@@ -3,14 +3,16 @@
 Only process 0 logs, the same scalars as metrics.jsonl at the same steps.
 The W&B run id is kept in <workdir>/wandb_run_id, so a resumed run continues
 the same W&B run. WANDB_MODE=offline (or disabled) works without a network;
-`wandb sync <workdir>/wandb/offline-run-*` uploads later. Needs the optional
+`wandb sync <workdir>/wandb/offline-run-*` uploads later. W&B keeps its own
+files on a local disk: with a gs:// workdir they go to $WANDB_DIR (default
+./wandb); the run id file still lives in the workdir. Needs the optional
 requirements (requirements-ops.txt).
 """
 from __future__ import annotations
 
 import uuid
 
-from bitnet_jax import rundir
+from bitnet_jax import rundir, storage
 from bitnet_jax.errors import ConfigError
 
 RUN_ID_FILE = "wandb_run_id"
@@ -32,7 +34,8 @@ class WandbTracker:
       id_file.write_text(run_id)
     self._wandb = wandb
     self.run = wandb.init(project=project, id=run_id, resume="allow",
-                          dir=str(run.path), name=run.path.name,
+                          dir=None if storage.is_remote(run.path) else str(run.path),
+                          name=run.path.name,
                           config=config.to_dict())
 
   def log(self, step: int, scalars: dict) -> None:

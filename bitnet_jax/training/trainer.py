@@ -190,7 +190,11 @@ def train(config, workdir: str, preemption: Preemption | None = None) -> dict:
   lock.acquire()  # before anything is written into the workdir
   try:
     return _train_locked(setup, config, workdir, preemption)
+  except BaseException as e:  # why the run stopped, in train.log too
+    logging.error("training stopped: %s: %s", type(e).__name__, e)
+    raise
   finally:
+    metrics_lib.sync_log_file(force=True)  # a gs:// train.log is complete
     lock.release()
 
 
@@ -200,7 +204,7 @@ def _train_locked(setup: Setup, config, workdir: str, preemption) -> dict:
     ckpt_lib.check_init_from(config.init_from,
                              init_from_abstract(setup, config.init_from))
   metrics_lib.quiet_library_logs()
-  metrics_lib.log_to_file(workdir)
+  metrics_lib.log_to_file(workdir, enabled=jax.process_index() == 0)
   tokens_per_step = config.data.batch_size * config.model.seq_len
   log_start(setup, config, workdir, tokens_per_step)
   _, train_ds, evals = load_data(config, workdir)
@@ -320,6 +324,7 @@ class Loop:
   def save(self, state, step: int, force: bool = False) -> None:
     self.ckpt.save(step, state, FrozenIteratorState(self.data_iter), force=force)
     self.last_ckpt = step
+    self.writer.flush()  # metrics and log on storage up to the checkpoint
 
   def run(self, state, start: int) -> dict:
     setup, train_cfg = self.setup, self.config.train

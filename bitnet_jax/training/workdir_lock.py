@@ -7,6 +7,11 @@ finds a live lease and stops with one line naming the holder. A lease is
 stale (taken over, with a warning) when its process is gone (same host) or
 its heartbeat is older than `STALE_S` (another host, e.g. a preempted VM).
 In a multi-process run only process 0 holds the lease.
+
+On an object store (gs://) there is no exclusive create: the lease is written,
+then read back after `SETTLE_S`, and a starter that finds another's lease
+there backs off. Two trainers started within that window on the same remote
+workdir are not reliably kept apart.
 """
 from __future__ import annotations
 
@@ -17,12 +22,15 @@ import socket
 import threading
 import time
 
-from bitnet_jax import rundir
+from etils import epath
+
+from bitnet_jax import rundir, storage
 from bitnet_jax.errors import UserError
 
 LOCK_NAME = rundir.LOCK
 HEARTBEAT_S = 30.0
 STALE_S = 300.0
+SETTLE_S = 1.0
 
 
 class WorkdirBusy(UserError, RuntimeError):
@@ -42,6 +50,7 @@ def _alive(pid: int) -> bool:
 class WorkdirLock:
   def __init__(self, workdir: str, enabled: bool = True):
     self.path = os.fspath(rundir.RunDir(workdir) / rundir.LOCK)
+    self.remote = storage.is_remote(self.path)
     self.enabled = enabled
     self._stop = threading.Event()
     self._thread: threading.Thread | None = None
@@ -50,10 +59,13 @@ class WorkdirLock:
 
   def holder(self) -> dict | None:
     try:
-      with open(self.path) as f:
-        return json.load(f)
+      return json.loads(epath.Path(self.path).read_text())
     except (FileNotFoundError, json.JSONDecodeError):
       return None
+
+  def _mine(self, lease: dict) -> bool:
+    return (lease.get("host"), lease.get("pid"), lease.get("started")) == (
+        self._lease["host"], self._lease["pid"], self._lease["started"])
 
   def _is_live(self, lease: dict) -> bool:
     if lease.get("host") == self._lease["host"]:
@@ -61,9 +73,13 @@ class WorkdirLock:
     return time.time() - float(lease.get("heartbeat", 0)) < STALE_S
 
   def _write(self) -> None:
+    lease = json.dumps(dict(self._lease, heartbeat=time.time()))
+    if self.remote:  # an object is replaced whole: no partial lease to read
+      epath.Path(self.path).write_text(lease)
+      return
     tmp = f"{self.path}.{os.getpid()}.tmp"
     with open(tmp, "w") as f:
-      json.dump(dict(self._lease, heartbeat=time.time()), f)
+      f.write(lease)
     os.replace(tmp, self.path)
 
   def acquire(self) -> None:
@@ -71,7 +87,13 @@ class WorkdirLock:
       return
     for _ in range(50):
       lease = self.holder()
-      if lease is None:
+      if lease is None and self.remote:
+        self._write()
+        time.sleep(SETTLE_S)
+        lease = self.holder()
+        if lease is None or not self._mine(lease):
+          continue  # another starter wrote after us: its lease decides
+      elif lease is None:
         # Create-exclusive: of two starters racing here, one wins; the other
         # reads the winner's lease on its next pass.
         try:
@@ -81,7 +103,7 @@ class WorkdirLock:
           continue
       elif self._is_live(lease):
         raise WorkdirBusy(
-            f"{os.path.dirname(self.path)} is in use by another trainer (host "
+            f"{epath.Path(self.path).parent} is in use by another trainer (host "
             f"{lease.get('host')}, pid {lease.get('pid')}, heartbeat "
             f"{time.time() - float(lease.get('heartbeat', 0)):.0f} s ago); "
             f"stop it first, or delete {self.path} if it is gone")
@@ -109,5 +131,5 @@ class WorkdirLock:
     self._stop.set()
     self._thread.join(timeout=5)
     lease = self.holder()
-    if lease and lease.get("pid") == os.getpid():
-      os.remove(self.path)
+    if lease and self._mine(lease):
+      epath.Path(self.path).unlink()
