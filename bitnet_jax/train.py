@@ -23,8 +23,6 @@ SIGTERM / Ctrl-C save a checkpoint at the next step boundary, then exit.
 """
 from __future__ import annotations
 
-import json
-import logging
 import os
 import sys
 
@@ -104,10 +102,7 @@ def main(argv):
     trainer.dry_run(config, FLAGS.topology, FLAGS.dry_run_json,
                     FLAGS.num_slices)
     return
-  summary = trainer.train(config, FLAGS.workdir, trainer.Preemption())
-  logging.info("done: %s", json.dumps(summary))
-  from bitnet_jax.training import metrics
-  metrics.sync_log_file(force=True)
+  trainer.train(config, FLAGS.workdir, trainer.Preemption())
 
 
 if __name__ == "__main__":

@@ -113,6 +113,9 @@ def test_train_resume_evaluate_export_analyze_on_gcs(gcs, local_dirs, caplog):
   config.train.stop_step = 9
   second = trainer.train(config, run)  # resumes from the bucket
   assert second["start_step"] == 6 and second["final_step"] == 9
+  from bitnet_jax.storage import GrowingFileHandler
+  assert not [h for h in logging.getLogger().handlers  # detached when done
+              if isinstance(h, GrowingFileHandler)]
   from bitnet_jax.data import corpus as corpus_lib
   assert corpus_lib.expand_paths(f"gs://{BUCKET}/data/*.txt") == [corpus]
   root = epath.Path(run)

@@ -199,17 +199,28 @@ def sync_log_file(force: bool = False) -> None:
     handler.sync(force)
 
 
-def log_to_file(workdir: str, enabled: bool = True) -> None:
-  """Also append the log to <workdir>/train.log (process 0 only: on an object
-  store each writer rewrites the whole file, so a second one would clobber)."""
+def close_log_file() -> None:
+  """Stop writing train.log, after writing what it holds (a remote store
+  that cannot be reached any more is reported, not raised: the run itself
+  is saved in its checkpoints)."""
   root = logging.getLogger()
   while _FILE_HANDLER:
     old = _FILE_HANDLER.pop()
     root.removeHandler(old)
-    old.sync(force=True)
+    try:
+      old.sync(force=True)
+    except Exception as e:  # the store's client raises its own types
+      logging.warning("could not write %s: %s", old.file.path, e)
     old.close()
+
+
+def log_to_file(workdir: str, enabled: bool = True) -> None:
+  """Also append the log to <workdir>/train.log (process 0 only: on an object
+  store each writer rewrites the whole file, so a second one would clobber)."""
+  close_log_file()
   if not enabled:
     return
+  root = logging.getLogger()
   handler = storage.GrowingFileHandler(rundir.RunDir(workdir) / rundir.LOG)
   handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
   handler.addFilter(_FILTER)

@@ -189,12 +189,14 @@ def train(config, workdir: str, preemption: Preemption | None = None) -> dict:
   lock = workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0)
   lock.acquire()  # before anything is written into the workdir
   try:
-    return _train_locked(setup, config, workdir, preemption)
+    summary = _train_locked(setup, config, workdir, preemption)
+    logging.info("done: %s", json.dumps(summary))
+    return summary
   except BaseException as e:  # why the run stopped, in train.log too
     logging.error("training stopped: %s: %s", type(e).__name__, e)
     raise
   finally:
-    metrics_lib.sync_log_file(force=True)  # a gs:// train.log is complete
+    metrics_lib.close_log_file()  # all of it written, even to gs://
     lock.release()
 
 
