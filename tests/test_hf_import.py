@@ -396,6 +396,8 @@ def test_conversion_experiment_smoke(tmp_path, b158_run, corpus_file):
   assert r["b1.58 exported and imported"] == pytest.approx(base, rel=0.01)
   assert abs(r["v2 a8, before training"] / base - 1) < \
       abs(r["v2_naive a8, before training"] / base - 1)
+  assert set(r) >= {"b1.58 a8, after 2 steps", "v2 a4, after 2 steps",
+                    "v2_naive a8, after 2 steps"}
 
 
 def test_bad_checkpoints_are_one_line_naming_the_file(tmp_path, documents):
