@@ -84,19 +84,6 @@ def test_slurm_script_does_not_mask_devices():
   assert any(l.startswith("srun") and "--distributed=on" in l for l in commands)
 
 
-def dcn_transfers(text: str) -> list[tuple[str, str, str]]:
-  """(transfer type, shape, op_name) of every cross-slice (DCN) send in a
-  multi-slice TPU program (the megascale runtime's host transfers)."""
-  import re
-  out = []
-  for line in text.splitlines():
-    m = re.match(r"\s*%send(?:\.\d+)? = \((\S+)", line)
-    t = re.search(r'_xla_megascale_transfer_type="([A-Z_]+)"', line)
-    if m and t:
-      out.append((t.group(1), m.group(1), line))
-  return out
-
-
 @pytest.mark.slow
 def test_two_slices_cross_dcn_only_with_gradients():
   """--dry_run --topology=v5p:2x2x1 --num_slices=2: the slices join along
@@ -114,9 +101,10 @@ def test_two_slices_cross_dcn_only_with_gradients():
   config.mesh.dcn_data = 2
   setup, compiled, _ = dry_run.compile_step(config, devices)
   assert dict(setup.mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
+  from bitnet_jax.scale import hlo_text
   slice_of = [d.slice_index for d in setup.mesh.devices.flat]
   assert slice_of == [0] * 4 + [1] * 4  # data (slices) outermost
-  transfers = dcn_transfers(compiled.as_text())
+  transfers = hlo_text.dcn_transfers(compiled.as_text())
   reduces = [t for t in transfers if t[0] == "ALL_REDUCE"]
   others = [t for t in transfers if t[0] != "ALL_REDUCE"]
   assert len(reduces) >= 8  # every layer kernel's gradient, the head's, ...
@@ -124,6 +112,10 @@ def test_two_slices_cross_dcn_only_with_gradients():
   # ([rows, seq_len, d_model], the embedding gradient's inputs)
   assert len(others) <= 1, [t[:2] for t in others]
   assert all(",128,256]" in t[1] for t in others), [t[:2] for t in others]
+  # the dry run's report says the same
+  report = dry_run.summarize(config, setup, compiled, None, "v5p:2x2x1 x 2")
+  assert report["dcn_transfers"]["ALL_REDUCE"]["sites"] == len(reduces)
+  assert "across slices (DCN)" in dry_run.format_report(report)
 
 
 def test_dcn_mesh_shape_and_errors():

@@ -32,7 +32,7 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax.scale import chips as chips_lib
-from bitnet_jax.scale import hlo_stats
+from bitnet_jax.scale import hlo_stats, hlo_text
 from bitnet_jax.errors import ConfigError
 from bitnet_jax.model import count_params
 
@@ -238,6 +238,13 @@ def summarize(config, setup, compiled, chip: chips_lib.Chip | None,
       collective_payload=stats.collective_bytes(),
       zero3_payload=zero3_payload(setup, config),
       unknown_trip_counts=stats.unknown_trip_counts)
+  if len({getattr(d, "slice_index", 0) for d in devices}) > 1:
+    dcn: dict[str, dict[str, float]] = {}
+    for kind, _, nbytes in hlo_text.dcn_transfers(compiled.as_text()):
+      entry = dcn.setdefault(kind, {"sites": 0, "bytes": 0.0})
+      entry["sites"] += 1
+      entry["bytes"] += nbytes
+    out["dcn_transfers"] = dcn
   if chip:
     est = roofline(stats, chip)
     est["mfu"] = out["model_flops"] / (est["step_s"] * chip.bf16_flops)
@@ -275,6 +282,10 @@ def format_report(r: dict[str, Any]) -> str:
   if big:
     lines.append("  collective payload by element type: " + ", ".join(
         f"{k} {g(v)}" for k, v in sorted(big.items(), key=lambda kv: -kv[1])))
+  if "dcn_transfers" in r:
+    lines.append("  across slices (DCN), per chip and pass: " + (", ".join(
+        f"{k.lower().replace('_', '-')} {v['sites']:.0f} sites {g(v['bytes'])}"
+        for k, v in sorted(r["dcn_transfers"].items())) or "nothing"))
   if r["unknown_trip_counts"]:
     lines.append(f"  warning: loops counted once (no trip count): "
                  f"{r['unknown_trip_counts']}")

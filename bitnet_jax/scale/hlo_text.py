@@ -153,3 +153,21 @@ def group_size(inst: Instruction, num_devices: int) -> int:
   if m:
     return len([x for x in m.group(1).split(",") if x.strip()])
   return num_devices
+
+
+MEGASCALE_SEND_RE = re.compile(r"\s*%send(?:\.\d+)? = \((\S+)")
+MEGASCALE_TYPE_RE = re.compile(r'_xla_megascale_transfer_type="([A-Z_]+)"')
+
+
+def dcn_transfers(text: str) -> list[tuple[str, str, float]]:
+  """(transfer type, array shape, bytes) of every cross-slice (DCN) send in
+  a multi-slice TPU program: the megascale runtime's host transfers, once per
+  site in the text (a site inside a loop runs once per iteration)."""
+  out = []
+  for line in text.splitlines():
+    m = MEGASCALE_SEND_RE.match(line)
+    t = MEGASCALE_TYPE_RE.search(line)
+    if m and t:
+      shape = m.group(1).rstrip(",")
+      out.append((t.group(1), shape, shape_bytes(shape)))
+  return out
