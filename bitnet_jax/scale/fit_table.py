@@ -34,24 +34,16 @@ flags.DEFINE_integer("max_microbatches", 16, "Give up beyond this.")
 BEGIN, END = "<!-- fit-table:begin -->", "<!-- fit-table:end -->"
 
 
-# The committed table (docs/fit_table/) was compiled with float training
-# matmuls; `auto` now picks int8 on TPU (README, "Integer matmuls in
-# training", has the 7B v5p numbers for both). Recompiling every cell with
-# int8 is ~20 min of compiles, not yet done: until then the table says float.
-TABLE_MATMUL = "float"
-
-
 def load_config(size: str):
-  """A paper config as the fit table compiles it (train_matmul TABLE_MATMUL)."""
+  """A paper config as a user runs it (quant.train_matmul=auto: int8
+  training matmuls on TPU)."""
   import importlib.util
   path = os.path.join(os.path.dirname(__file__), "..", "..", "configs",
                       f"bitnet_v2_{size}.py")
   spec = importlib.util.spec_from_file_location(f"bitnet_v2_{size}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)
-  config = module.get_config()
-  config.quant.train_matmul = TABLE_MATMUL
-  return config
+  return module.get_config()
 
 
 def fit(size: str, topology: str, max_microbatches: int) -> dict:
