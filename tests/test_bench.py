@@ -35,4 +35,5 @@ def test_interleaved_timing_measures_known_costs():
                               "slow": sleeper("slow", 0.03)}, rounds=3)
   assert calls == {"fast": 4, "slow": 4}  # one warm-up call + 3 rounds each
   assert 0.01 <= t["fast"] < 0.02 and 0.03 <= t["slow"] < 0.045
-  assert 1.8 < t["slow"] / t["fast"] <= 3.0
+  # sleep overshoots by ~0.1-1.5 ms on a busy host: 31.3 / 10.2 ms = 3.07 seen
+  assert 1.8 < t["slow"] / t["fast"] < 3.5
