@@ -140,10 +140,6 @@ def tensorboard_logdir(path) -> str:
   return text
 
 
-def read_bytes(path) -> bytes:
-  return epath.Path(path).read_bytes()
-
-
 def copy_tree(src: str, dst) -> None:
   """Copy a local directory's files under `dst` (any epath store)."""
   dst = epath.Path(dst)

@@ -27,6 +27,8 @@ from bitnet_jax.errors import ConfigError
 from bitnet_jax.hf import layout
 
 FORMATS = ("hf", "hf-bf16")
+SITE_OF = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o",
+           "up_proj": "up_gate", "gate_proj": "up_gate", "down_proj": "down"}
 
 
 def check_exportable(cfg, fmt: str) -> None:
@@ -96,15 +98,12 @@ def tensors(params, cfg, fmt: str) -> dict[str, np.ndarray]:
                           ("down", "ffn")):
         shared[site] = float(quant.absmean(np.asarray(
             layer[block][site]["kernel"], np.float32)))
-    site_of = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv",
-               "o_proj": "o", "up_proj": "up_gate", "gate_proj": "up_gate",
-               "down_proj": "down"}
     for proj, w in projections(layer, cfg).items():
       name = layout.projection_name(i, proj)
       if fmt == "hf-bf16":
         out[name] = _bf16(w)
         continue
-      alpha = shared.get(site_of[proj])
+      alpha = shared.get(SITE_OF[proj])
       if alpha is None:
         codes, alpha = quant.ternary_codes(w)
       else:

@@ -112,9 +112,8 @@ def import_checkpoint(hf_dir: str, workdir: str, seq_len: int = 0,
   except ValueError as e:  # a tensor whose shape the config does not allow
     raise InputError(f"{hf_dir}: a weight does not fit config.json ({e})"
                      ) from None
-  from bitnet_jax.training.checkpoint import check_param_shapes
   try:
-    check_param_shapes(params, param_shapes(model_cfg),
+    ckpt_lib.check_param_shapes(params, param_shapes(model_cfg),
                        f"{hf_dir} vs its config.json")
   except ValueError as e:
     raise InputError(str(e)) from None

@@ -73,14 +73,9 @@ class WorkdirLock:
     return time.time() - float(lease.get("heartbeat", 0)) < STALE_S
 
   def _write(self) -> None:
-    lease = json.dumps(dict(self._lease, heartbeat=time.time()))
-    if self.remote:  # an object is replaced whole: no partial lease to read
-      epath.Path(self.path).write_text(lease)
-      return
-    tmp = f"{self.path}.{os.getpid()}.tmp"
-    with open(tmp, "w") as f:
-      f.write(lease)
-    os.replace(tmp, self.path)
+    """Replace the lease whole: a reader never sees a partial one."""
+    storage.write_atomic(self.path,
+                         json.dumps(dict(self._lease, heartbeat=time.time())))
 
   def acquire(self) -> None:
     if not self.enabled:
