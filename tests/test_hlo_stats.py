@@ -114,3 +114,71 @@ def test_conv_flops_count_valid_window_positions():
   # lhs 0b1f = [8 (0), 2048 (b), 32 (1), 128 (f)]; rhs 0o1i = [8, 2048, 32, 128]
   flops = hlo_stats.conv_flops(inst, "f32[8,2048,32,128]", "f32[8,2048,32,128]")
   assert flops == 2 * 8 * 32 * 2048 * 2048 * 128  # Q K^T of 8 x 32 heads
+
+
+def test_replica_groups_expand_and_hosts_spanned():
+  """The groups of each form, against the iota they describe; a group that
+  spans hosts is flagged only where its devices sit on two hosts."""
+  def inst(attrs):
+    return hlo_stats.Instruction("x", "f32[8]", "all-reduce", [], attrs)
+  assert hlo_stats.replica_groups(inst(
+      "replica_groups=[4,2]<=[2,4]T(1,0), to_apply=%add"), 8) == [
+          [0, 4], [1, 5], [2, 6], [3, 7]]
+  assert hlo_stats.replica_groups(inst(
+      "replica_groups={{0,2},{1,3}}, to_apply=%add"), 4) == [[0, 2], [1, 3]]
+  # mesh positions (a=4 major, b=2) hold device ids iota[2,4].T: (i, j) ->
+  # 4 j + i; groups along a vary i
+  mesh = ("replica_groups=mesh['a'=4,'b'=2], device_ids=([2,4]T(1,0)) {'a'}, "
+          "use_global_device_ids=true")
+  assert hlo_stats.replica_groups(inst(mesh), 8) == [[0, 1, 2, 3],
+                                                     [4, 5, 6, 7]]
+  assert hlo_stats.group_size(inst(mesh), 8) == 4
+  along_b = mesh.replace("{'a'}", "{'b'}")
+  assert hlo_stats.replica_groups(inst(along_b), 8) == [
+      [0, 4], [1, 5], [2, 6], [3, 7]]
+  text = "\n".join([
+      "HloModule m", "",
+      "ENTRY %main (p: f32[8]) -> f32[8] {",
+      "  %p = f32[8]{0} parameter(0)",
+      f"  %a = f32[8]{{0}} all-reduce(%p), channel_id=1, {mesh}, to_apply=%add",
+      f"  ROOT %b = f32[8]{{0}} all-reduce(%a), channel_id=2, {along_b}, "
+      "to_apply=%add",
+      "}"])
+  hosts = [0, 0, 0, 0, 1, 1, 1, 1]
+  stats = hlo_stats.analyze(text, 8, hosts)
+  assert [c.hosts for c in stats.collectives] == [1, 2]
+  assert stats.collective_bytes(inter_host=True) == 32
+  assert stats.collective_bytes(inter_host=False) == 32
+  assert [c.hosts for c in hlo_stats.analyze(text, 8).collectives] == [1, 1]
+
+
+def test_scanned_slices_of_a_stacked_buffer_count_the_slice():
+  """A scan that reads layer i of a stacked [L, n, n] weight and writes row i
+  of a stacked output moves O(L) bytes, not O(L^2): HBM bytes at 16 layers
+  are ~4x those at 4 (a whole-buffer count would be ~16x)."""
+  def scanned(x, ws):
+    def body(x, w):
+      y = jnp.tanh(x @ w)
+      return y, y
+    return jax.lax.scan(body, x, ws)
+
+  totals = {}
+  for layers in (4, 16):
+    _, text = compile_text(scanned, (64, 128), (layers, 128, 128))
+    totals[layers] = hlo_stats.analyze(text, 1).hbm_bytes
+  assert 3.0 < totals[16] / totals[4] < 5.0, totals
+
+
+def test_library_call_flops():
+  """cuBLAS GEMM custom calls count by their dot dimensions; cuDNN attention
+  by its score shape (checked against a compiled call in test_gpu_compile)."""
+  gemm = hlo_stats.Instruction(
+      "g", "(bf16[64,32]{1,0}, s8[0]{0})", "custom-call", ["a", "b"],
+      'custom_call_target="__cublas$lt$matmul", backend_config={"gemm_backend'
+      '_config":{"dot_dimension_numbers":{"lhs_contracting_dimensions":["1"],'
+      '"rhs_contracting_dimensions":["0"]}}}')
+  assert hlo_stats.custom_call_flops(gemm, ["bf16[64,96]", "bf16[96,32]"]) == (
+      2 * 64 * 96 * 32)
+  other = hlo_stats.Instruction("o", "f32[8]", "custom-call", ["a"],
+                                'custom_call_target="Sharding"')
+  assert hlo_stats.custom_call_flops(other, ["f32[8]"]) == 0

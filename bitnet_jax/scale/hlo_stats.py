@@ -8,13 +8,24 @@ trip counts. This module walks `compiled.as_text()` itself and applies them:
                  convolutions with windows; valid window positions are
                  counted exactly as XLA's cost model does), by operand dtype
   HBM bytes      operands + result of every instruction outside fusions (a
-                 fusion counts at its boundary): an estimate of memory traffic
+                 fusion counts at its boundary): an estimate of memory traffic.
+                 A fusion operand that the fusion only reads through
+                 dynamic-slice (a scanned layer's slice of a stacked buffer)
+                 counts the slices read, and a buffer updated in place by
+                 dynamic-update-slice counts the update written, not the
+                 whole buffer
+  custom calls   cuDNN attention (`__cudnn$fmha*`): 4 B N T S E FLOPs
+                 forward (Q K^T and P V), 2.5x that backward (five matmuls),
+                 times the visible share of a causal mask; cuBLAS GEMMs
+                 (`__cublas$gemm`, `__cublas$lt$matmul`) by their dot
+                 dimensions. Their bytes are operands + results like any op
   collectives    all-gather / reduce-scatter / all-reduce / all-to-all /
                  collective-permute: count, payload and ring traffic per device
                  (all-gather (n-1)/n of the result, reduce-scatter (n-1)/n of
                  the operand, all-reduce twice that of its buffer); one
                  channel is one collective, however many fusions (async
-                 start / steps / done) carry its instruction
+                 start / steps / done) carry its instruction; with the
+                 devices' hosts given, whether its group spans hosts
 
 Trip counts come from a while's `known_trip_count` or from its condition
 (`i < N` on a counter whose initial value is a constant). Everything is per
@@ -32,7 +43,7 @@ import numpy as np
 
 from bitnet_jax.scale.hlo_text import (ARRAY_RE, COLLECTIVES, DTYPE_BYTES, FREE_OPS,
                                  NAME_RE, Instruction, arrays, group_size,
-                                 parse, shape_bytes)
+                                 parse, replica_groups, shape_bytes)
 
 def _conv_valid_positions(out: int, window: int, inp: int, stride: int,
                           pad_lo: int, lhs_dil: int, rhs_dil: int) -> int:
@@ -97,6 +108,9 @@ class Collective:
   payload: float       # bytes of the buffer (result; operand for reduce-scatter)
   traffic: float       # ring bytes sent per device
   count: float         # executions per step (trip counts applied)
+  hosts: int = 1       # hosts one group spans (1: within a host)
+  # payload bytes by element type (a combined collective moves several arrays)
+  payload_by_dtype: dict = dataclasses.field(default_factory=dict)
 
 
 @dataclasses.dataclass
@@ -131,9 +145,13 @@ class ProgramStats:
   def hbm_bytes(self) -> float:
     return sum(op.bytes * op.count for op in self.ops)
 
-  def collective_bytes(self, kind: str | None = None, traffic=False) -> float:
+  def collective_bytes(self, kind: str | None = None, traffic=False,
+                       inter_host: bool | None = None) -> float:
+    """Payload (or ring traffic) bytes per device; inter_host True / False:
+    only the collectives whose groups span hosts / stay within one."""
     return sum((c.traffic if traffic else c.payload) * c.count
-               for c in self.collectives if kind is None or c.kind == kind)
+               for c in self.collectives if (kind is None or c.kind == kind)
+               and (inter_host is None or (c.hosts > 1) == inter_host))
 
   def by_kind(self) -> dict[str, dict[str, float]]:
     out: dict[str, dict[str, float]] = {}
@@ -152,8 +170,9 @@ class ProgramStats:
 
 
 class _Walker:
-  def __init__(self, comps, num_devices):
+  def __init__(self, comps, num_devices, hosts=None):
     self.comps, self.num_devices = comps, num_devices
+    self.hosts = list(hosts) if hosts is not None else None
     self.ops: list[Op] = []
     self.collectives: list[Collective] = []
     self.unknown: list[str] = []
@@ -206,6 +225,9 @@ class _Walker:
       return {dtype: dot_flops(inst, shapes[0])}
     if inst.opcode == "convolution" and len(shapes) == 2:
       return {dtype: conv_flops(inst, *shapes)}
+    if inst.opcode == "custom-call" and shapes:
+      flops = custom_call_flops(inst, shapes)
+      return {dtype: flops} if flops else {}
     return {}
 
   def _fusion_flops(self, comp: str, scale: float) -> dict[str, float]:
@@ -264,7 +286,43 @@ class _Walker:
       buffers = self._collective_buffers(inst)
       nbytes = sum(DTYPE_BYTES[d] * math.prod(dims) for d, dims in held
                    if (d, dims) not in buffers)
+      if op == "fusion":
+        nbytes -= self._sliced_savings(inst, shapes)
       self.ops.append(Op(inst.name, dict(flops), nbytes, scale))
+
+  def _sliced_savings(self, inst: Instruction, shapes) -> float:
+    """Bytes a fusion does not move although its operands / result hold
+    them: a parameter read only through dynamic-slice moves the slices; a
+    parameter updated in place by the root's dynamic-update-slice (the
+    result aliases it) moves the update, once, not the buffer twice."""
+    callees = self._callees(inst)
+    if len(callees) != 1:
+      return 0.0
+    body = self.comps[callees[0]]
+    params = {}
+    for i in body:
+      if i.opcode == "parameter" and re.fullmatch(r"\d+", i.literal):
+        params[i.name] = int(i.literal)
+    users: dict[str, list[Instruction]] = collections.defaultdict(list)
+    for i in body:
+      for o in i.operands:
+        users[o].append(i)
+    root = body[-1] if body else None
+    saved = 0.0
+    for name, index in params.items():
+      if index >= len(inst.operands):
+        continue
+      full = shape_bytes(shapes.get(inst.operands[index], ""))
+      uses = users.get(name, [])
+      if uses and all(u.opcode == "dynamic-slice" and u.operands[0] == name
+                      for u in uses):
+        saved += max(0.0, full - sum(shape_bytes(u.shape) for u in uses))
+      elif (root is not None and root.opcode == "dynamic-update-slice"
+            and root.operands[0] == name and uses == [root]
+            and shape_bytes(root.shape) == full):
+        update = shape_bytes(self.shapes[callees[0]].get(root.operands[1], ""))
+        saved += max(0.0, 2 * full - update)  # operand + result -> update
+    return saved
 
   def _collective_buffers(self, inst: Instruction) -> set:
     """Arrays of a collective carried by this fusion (async collective
@@ -294,13 +352,13 @@ class _Walker:
       self._channels.add(channel.group(1))
     operand_shapes = [self.shapes[comp].get(o, "") for o in inst.operands]
     n = max(1, group_size(inst, self.num_devices))
-    out = shape_bytes(inst.shape)
+    results = arrays(inst.shape)
     if inst.opcode.endswith("-start") and inst.shape.startswith("("):
       # async start ops return (operands, results[, scratch]): keep the result
-      parts = arrays(inst.shape)
-      out = sum(DTYPE_BYTES[d] * math.prod(dims)
-                for d, dims in parts[len(operand_shapes):2 * len(operand_shapes)])
-    operand = sum(shape_bytes(s) for s in operand_shapes)
+      results = results[len(operand_shapes):2 * len(operand_shapes)]
+    out = sum(DTYPE_BYTES[d] * math.prod(dims) for d, dims in results)
+    operands = [a for s in operand_shapes for a in arrays(s)]
+    operand = sum(DTYPE_BYTES[d] * math.prod(dims) for d, dims in operands)
     frac = (n - 1) / n
     if base == "all-gather":
       payload, traffic = out, out * frac
@@ -314,8 +372,24 @@ class _Walker:
       traffic = payload * frac
     else:  # collective-permute
       payload = traffic = operand or out
+    moved = operands if base == "reduce-scatter" or not results else results
+    by_dtype: dict[str, float] = collections.defaultdict(float)
+    for d, dims in moved:
+      by_dtype[d] += DTYPE_BYTES[d] * math.prod(dims)
     self.collectives.append(Collective(base, inst.name, inst.shape, n, payload,
-                                       traffic, scale))
+                                       traffic, scale, self._hosts_spanned(inst),
+                                       dict(by_dtype)))
+
+  def _hosts_spanned(self, inst: Instruction) -> int:
+    """The most hosts one group (or one source-target pair) of the
+    collective spans; 1 without host information."""
+    if self.hosts is None or len(set(self.hosts)) == 1:
+      return 1
+    groups = replica_groups(inst, self.num_devices)
+    if groups is None:  # an unknown format: assume the worst
+      return len(set(self.hosts))
+    return max((len({self.hosts[i] for i in g if i < len(self.hosts)})
+                for g in groups), default=1)
 
 
 def _const(inst: Instruction) -> int:
@@ -323,9 +397,45 @@ def _const(inst: Instruction) -> int:
   return int(inst.literal) if re.fullmatch(r"-?\d+", inst.literal) else 0
 
 
-def analyze(text: str, num_devices: int) -> ProgramStats:
+_FMHA_RE = re.compile(r'"intermediate_tensor_shape":\s*\{[^}]*?"dimensions":'
+                      r'\s*\[([^\]]*)\]')
+_GEMM_CONTRACT_RE = re.compile(r'"lhs_contracting_dimensions":\s*\[([^\]]*)\]')
+
+
+def custom_call_flops(inst: Instruction, operand_shapes: list[str]) -> float:
+  """Matmul FLOPs of a library call XLA does not count: cuDNN attention
+  and cuBLAS GEMMs; 0 for any other custom call."""
+  target = inst.attr("custom_call_target") or ""
+  if "__cudnn$fmha" in target:
+    m = _FMHA_RE.search(inst.attrs)
+    q = arrays(operand_shapes[0])
+    if not (m and q):
+      return 0.0
+    b, n, t, s = (int(x) for x in re.findall(r"\d+", m.group(1))[:4])
+    head = q[0][1][-1]
+    flops = 4.0 * b * n * t * s * head
+    if '"mask_type": "CAUSAL"' in inst.attrs or \
+        '"mask_type": "PADDING_CAUSAL"' in inst.attrs:
+      visible = sum(min(s, s - t + i + 1) for i in range(t)) if s >= t else \
+          t * s / 2
+      flops *= visible / (t * s)
+    return 2.5 * flops if "Backward" in target else flops
+  if "__cublas$gemm" in target or "__cublas$lt$matmul" in target:
+    m = _GEMM_CONTRACT_RE.search(inst.attrs)
+    lhs = arrays(operand_shapes[0])
+    out = arrays(inst.shape)
+    if not (m and lhs and out):
+      return 0.0
+    k = math.prod(lhs[0][1][int(i)] for i in re.findall(r"\d+", m.group(1)))
+    return 2.0 * math.prod(out[0][1]) * k
+  return 0.0
+
+
+def analyze(text: str, num_devices: int, hosts=None) -> ProgramStats:
+  """Per-device totals of the program; hosts[i]: the host of the program's
+  device i (its device assignment), to tell intra- from inter-host groups."""
   comps, entry = parse(text)
-  walker = _Walker(comps, num_devices)
+  walker = _Walker(comps, num_devices, hosts)
   walker.walk(entry, 1.0)
   return ProgramStats(walker.ops, walker.collectives, walker.unknown)
 

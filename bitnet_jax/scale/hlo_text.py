@@ -10,6 +10,8 @@ import dataclasses
 import math
 import re
 
+import numpy as np
+
 DTYPE_BYTES = {
     "pred": 1, "s2": 0.25, "u2": 0.25, "s4": 0.5, "u4": 0.5, "s8": 1, "u8": 1,
     "f8e4m3fn": 1, "f8e5m2": 1, "f8e4m3": 1, "f8e5m2fnuz": 1, "f8e4m3fnuz": 1,
@@ -134,25 +136,67 @@ def parse(text: str) -> tuple[dict[str, list[Instruction]], str]:
 
 
 def group_size(inst: Instruction, num_devices: int) -> int:
-  """Devices in one replica group of a collective."""
+  """Devices in one replica group of a collective (a collective-permute: 2)."""
+  if inst.attr("source_target_pairs") is not None:
+    return 2
+  groups = replica_groups(inst, num_devices)
+  return len(groups[0]) if groups else num_devices
+
+
+def replica_groups(inst: Instruction, num_devices: int
+                   ) -> list[list[int]] | None:
+  """The device groups of a collective: explicit `{{0,1},{2,3}}`, iota
+  `[G,S]<=[dims]T(perm)`, empty (all devices), or a collective-permute's
+  source-target pairs; None for a format not known here."""
+  pairs = inst.attr("source_target_pairs")
+  if pairs is not None:
+    return [[int(a), int(b)] for a, b in re.findall(r"\{(\d+),(\d+)\}", pairs)]
   groups = inst.attr("replica_groups")
-  if groups is None:
-    pairs = inst.attr("source_target_pairs")
-    return 2 if pairs else num_devices
+  if groups is None or groups in ("{}", "{{}}"):
+    return [list(range(num_devices))]
+  m = re.match(r"\[([\d,]+)\]<=\[([\d,]+)\](?:T\(([\d,]+)\))?", groups)
+  if m:
+    shape = [int(x) for x in m.group(1).split(",")]
+    dims = [int(x) for x in m.group(2).split(",")]
+    ids = np.arange(math.prod(dims)).reshape(dims)
+    if m.group(3):
+      ids = ids.transpose([int(x) for x in m.group(3).split(",")])
+    return ids.reshape(-1, shape[-1]).tolist()
   if groups.startswith("mesh["):
-    tail = inst.attrs[inst.attrs.find("replica_groups=") + 15:]
-    m = re.match(r"mesh\[(.*?)\]\s*\{(.*?)\}", tail)
-    if m:
-      sizes = dict(re.findall(r"'([^']+)'=(\d+)", m.group(1)))
-      axes = re.findall(r"'([^']+)'", m.group(2))
-      return math.prod(int(sizes[a]) for a in axes)
-  m = re.match(r"\[(\d+),(\d+)\]<=", groups)
-  if m:
-    return int(m.group(2))
-  m = re.match(r"\{\{([^}]*)\}", groups)
-  if m:
-    return len([x for x in m.group(1).split(",") if x.strip()])
-  return num_devices
+    return _mesh_groups(inst)
+  if groups.startswith("{{"):
+    return [[int(x) for x in g.split(",") if x.strip()]
+            for g in re.findall(r"\{([\d,\s]*)\}", groups[1:-1])]
+  return None
+
+
+_MESH_GROUPS_RE = re.compile(
+    r"mesh\[(.*?)\](?:,\s*device_ids=\(\[([\d,]+)\](?:T\(([\d,]+)\))?\))?"
+    r"\s*\{(.*?)\}")
+
+
+def _mesh_groups(inst: Instruction) -> list[list[int]] | None:
+  """Groups of the mesh form: `mesh['a'=8,'b'=2], device_ids=([2,8]T(1,0))
+  {'a'}` = the devices that differ only along the listed mesh axes; mesh
+  positions in row-major order hold device_ids (an iota, transposed)."""
+  tail = inst.attrs[inst.attrs.find("replica_groups=") + 15:]
+  m = _MESH_GROUPS_RE.match(tail)
+  if not m:
+    return None
+  names = re.findall(r"'([^']+)'=(\d+)", m.group(1))
+  sizes = [int(n) for _, n in names]
+  ids = np.arange(math.prod(sizes))
+  if m.group(2):
+    dims = [int(x) for x in m.group(2).split(",")]
+    ids = ids.reshape(dims)
+    if m.group(3):
+      ids = ids.transpose([int(x) for x in m.group(3).split(",")])
+  ids = ids.reshape(sizes)
+  along = [i for i, (n, _) in enumerate(names) if n in
+           re.findall(r"'([^']+)'", m.group(4))]
+  rest = [i for i in range(len(sizes)) if i not in along]
+  ids = ids.transpose(rest + along)
+  return ids.reshape(-1, math.prod(sizes[i] for i in along)).tolist()
 
 
 MEGASCALE_SEND_RE = re.compile(r"\s*%send(?:\.\d+)? = \((\S+)")
