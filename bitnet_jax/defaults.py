@@ -54,7 +54,7 @@ def base_config() -> ml_collections.ConfigDict:
   m.scan_layers = True             # stack blocks with nn.scan (one compile)
   m.remat = "none"                 # none | full | dots (rematerialisation)
   m.tie_embeddings = False         # share embedding and output head
-  m.attention_impl = ""            # "" (backend default) | xla | cudnn
+  m.attention_impl = ""            # "" (by backend: cudnn on GPU where it applies, else xla) | xla | cudnn
   m.activation = ""                # GLU: "" = the variant's (relu2 for a4.8,
                                    # else swiglu) | swiglu | relu2 (squared ReLU)
 
@@ -121,8 +121,10 @@ def base_config() -> ml_collections.ConfigDict:
   mesh.data = -1                   # data-parallel axis size; -1 = fill
   mesh.fsdp = 1                    # parameter-sharding (ZeRO-3) axis size
   mesh.tensor = 1                  # tensor-parallel axis size
-  mesh.dcn_data = 1                # slices (multi-slice TPU, DCN) along data;
-                                   # the sizes above are then per slice
+  mesh.dcn_data = -1               # slices (TPU) / hosts (GPU) along data; the
+                                   # sizes above are then per slice or host;
+                                   # -1 = as many as the devices span (multi-
+                                   # host GPU: HSDP, FSDP within a host)
   # logical axis -> mesh axes (see bitnet_jax/scale/sharding.py); unlisted names
   # (layers, head_dim, activation_embed, activation_length) are replicated
   mesh.rules = (

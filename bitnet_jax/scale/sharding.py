@@ -27,18 +27,38 @@ MESH_AXES = ("data", "fsdp", "tensor")
 BATCH_AXES = ("data", "fsdp")
 
 
-def slices(mesh_cfg) -> int:
-  """mesh.dcn_data: slices (TPU) or DCN-connected groups, along data."""
+def network_granules(devices: Sequence[Any]) -> list[int]:
+  """Per device, the group that the fast interconnect joins: its slice on
+  TPU (ICI spans a slice's hosts), its host on GPU (NVLink within a host,
+  a NIC per GPU between hosts); one group on CPU."""
+  if not devices:
+    return []
+  platform = devices[0].platform
+  if platform == "tpu":
+    return [getattr(d, "slice_index", 0) for d in devices]
+  if platform == "gpu":
+    return [d.process_index for d in devices]
+  return [0] * len(devices)
+
+
+def slices(mesh_cfg, devices: Sequence[Any] | None = None) -> int:
+  """mesh.dcn_data: slices (TPU) or hosts (GPU) along data. -1 (auto): as
+  many as the devices span, so that a multi-host GPU run is HSDP (FSDP and
+  tensor parallelism within a host, data parallelism between hosts) and a
+  multi-slice TPU run keeps FSDP on ICI; 1 without devices to look at."""
   dcn = int(mesh_cfg.get("dcn_data", 1))
+  if dcn == -1:
+    return len(set(network_granules(devices))) if devices else 1
   if dcn < 1:
-    raise ConfigError(f"mesh.dcn_data must be >= 1, got {dcn}")
+    raise ConfigError(f"mesh.dcn_data must be >= 1 or -1 (auto), got {dcn}")
   return dcn
 
 
-def mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
+def mesh_shape(mesh_cfg, num_devices: int,
+               dcn: int | None = None) -> tuple[int, int, int]:
   """(data, fsdp, tensor) of the whole mesh: the sizes apply per slice
   (mesh.dcn_data slices), and the slices multiply the data axis."""
-  dcn = slices(mesh_cfg)
+  dcn = slices(mesh_cfg) if dcn is None else dcn
   if num_devices % dcn:
     raise ConfigError(f"mesh.dcn_data={dcn} does not divide the {num_devices} "
                       "devices")
@@ -70,18 +90,23 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
   device's slice_index): only data-parallel collectives (the gradient
   all-reduce) cross slices; FSDP and tensor parallelism stay on ICI."""
   devices = list(devices if devices is not None else jax.devices())
-  shape = mesh_shape(mesh_cfg, len(devices))
-  dcn = slices(mesh_cfg)
+  dcn = slices(mesh_cfg, devices)
+  shape = mesh_shape(mesh_cfg, len(devices), dcn)
   if dcn > 1:
     per_slice = (shape[0] // dcn, shape[1], shape[2])
-    if hasattr(devices[0], "slice_index"):
-      found = len({d.slice_index for d in devices})
+    platform = devices[0].platform
+    found = len(set(network_granules(devices)))
+    if platform == "tpu" and hasattr(devices[0], "slice_index"):
       if found != dcn:
         raise ConfigError(f"mesh.dcn_data={dcn}, but the devices span {found} "
                           "slice(s)")
       arr = mesh_utils.create_hybrid_device_mesh(per_slice, (dcn, 1, 1),
                                                  devices)
-    else:  # no slices (CPU): consecutive device groups stand in for them
+    elif platform == "gpu" and found == dcn:  # one host per data group
+      arr = mesh_utils.create_hybrid_device_mesh(
+          per_slice, (dcn, 1, 1), devices, process_is_granule=True)
+    else:  # CPU, or GPU groups of several hosts: consecutive devices
+      devices = sorted(devices, key=lambda d: (d.process_index, d.id))
       arr = np.asarray(devices).reshape(shape)
     return Mesh(arr, MESH_AXES)
   try:  # topology-aware device order where the backend knows one
