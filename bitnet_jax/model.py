@@ -89,7 +89,7 @@ class Attention(nn.Module):
     kv_bits = policy.kv_bits(cfg)
     q_BLHE = quant_lib.quantize_heads_keep_bos(q_BLHE, policy.query_bits(cfg),
                                                None)
-    impl = cfg.attention_impl or None
+    impl = policy.attention_impl(cfg)
     if self.decode_len and kv_bits is not None:
       # the cache quantizes (and stores the codes) itself
       out_BLHE = KVCache(self.decode_len, kv_bits, impl, name="kv_cache")(

@@ -10,6 +10,7 @@ validated. defaults.py documents every field; a test checks the two agree.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import jax
 import jax.numpy as jnp
@@ -33,8 +34,43 @@ REMAT_POLICIES = {
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
 }
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+# cuDNN's fused (flash) attention, as jax 0.10.2 calls it: bf16 / fp16
+# operands, head dims that are multiples of 8 up to 128.
+CUDNN_DTYPES = ("bfloat16", "float16")
+CUDNN_MAX_HEAD_DIM = 128
 # Keys of config.quant that belong to the training loop, not the model.
 TRAINING_QUANT_KEYS = ("a4_start_step",)
+
+
+def cudnn_attention_refusal(cfg: "ModelConfig") -> str:
+  """Why cuDNN's fused attention cannot run this model ('' if it can)."""
+  if cfg.dtype not in CUDNN_DTYPES:
+    return (f"model.dtype={cfg.dtype} (cuDNN attention takes "
+            f"{' / '.join(CUDNN_DTYPES)})")
+  if cfg.head_dim % 8 or cfg.head_dim > CUDNN_MAX_HEAD_DIM:
+    return (f"head dim {cfg.head_dim} (cuDNN attention takes multiples of 8 "
+            f"up to {CUDNN_MAX_HEAD_DIM})")
+  return ""
+
+
+_REPORTED_FALLBACKS: set = set()
+
+
+def attention_for(cfg: "ModelConfig", platform: str) -> str:
+  """attention_impl='' by backend: cuDNN's fused attention on GPU where it
+  applies (no [B, H, T, T] scores in memory), XLA's elsewhere; a GPU model
+  that cuDNN cannot run falls back to XLA, said once per reason."""
+  if platform != "gpu":
+    return "xla"
+  why = cudnn_attention_refusal(cfg)
+  if not why:
+    return "cudnn"
+  if why not in _REPORTED_FALLBACKS:
+    _REPORTED_FALLBACKS.add(why)
+    logging.getLogger(__name__).warning(
+        "attention on GPU: XLA's (the scores are materialised), not cuDNN's: "
+        "%s; set model.attention_impl to choose", why)
+  return "xla"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +92,7 @@ class ModelConfig:
   scan_layers: bool = True
   remat: str = "none"
   tie_embeddings: bool = False
-  attention_impl: str = ""            # "" (backend's best), 'xla', 'cudnn'
+  attention_impl: str = ""            # "" (by backend), 'xla', 'cudnn'
   activation: str = ""                # GLU: "" (the variant's), swiglu, relu2
   # config.quant
   act_bits: int = 8
@@ -151,10 +187,14 @@ class ModelConfig:
     return DTYPES[self.dtype]
 
   def for_platform(self, platform: str) -> "ModelConfig":
-    """train_matmul='auto' resolved for a backend ('cpu', 'tpu', 'gpu')."""
-    if self.train_matmul != "auto":
-      return self
-    return self.replace(train_matmul=AUTO_TRAIN_MATMUL.get(platform, "float"))
+    """train_matmul='auto' and attention_impl='' resolved for a backend
+    ('cpu', 'tpu', 'gpu')."""
+    changes = {}
+    if self.train_matmul == "auto":
+      changes["train_matmul"] = AUTO_TRAIN_MATMUL.get(platform, "float")
+    if not self.attention_impl:
+      changes["attention_impl"] = attention_for(self, platform)
+    return self.replace(**changes) if changes else self
 
   def replace(self, **changes) -> "ModelConfig":
     return dataclasses.replace(self, **changes)

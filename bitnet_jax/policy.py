@@ -75,6 +75,14 @@ def linear(cfg: ModelConfig, role: str) -> LinearPolicy:
                       centre=cfg.mean_centre and rotation != "none")
 
 
+def attention_impl(cfg: ModelConfig) -> str:
+  """The attention implementation: model.attention_impl, or '' resolved for
+  this process's backend (ModelConfig.for_platform resolves it for the
+  devices a run is built for)."""
+  return cfg.attention_impl or cfg.for_platform(
+      jax.default_backend()).attention_impl
+
+
 def train_matmul(cfg: ModelConfig) -> str:
   """How latent weights multiply: 'float' or 'int8' (exported weights always
   multiply as integers; 'auto' resolves for this process's backend, or for
