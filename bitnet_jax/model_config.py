@@ -25,7 +25,10 @@ WEIGHT_FORMS = ("latent", "int8", "packed")
 TRAIN_MATMULS = ("float", "int8")   # how latent weights multiply in training
 # quant.train_matmul='auto' by backend, from measurements (README, "Integer
 # matmuls in training"): int8 on TPU (compiled estimate) and CPU (bench);
-# float on GPU until a GPU step has been measured
+# float on GPU: compiled for H100 / B200, int8 GEMMs make the v2 step
+# estimate slower, not faster (the quantize passes cost more HBM traffic than
+# the int8 tensor cores save; docs/gpu_fit_table.md), until a GPU measures
+# otherwise (python -m bitnet_jax.scale.gpu_measure)
 AUTO_TRAIN_MATMUL = {"tpu": "int8", "cpu": "int8"}
 WEIGHT_SCALES = ("projection", "tensor")
 REMAT_POLICIES = {

@@ -12,7 +12,10 @@ Flags:
                           MFU (see bitnet_jax/scale/dry_run.py); then exit
   --topology=NAME         with --dry_run: compile for a TPU slice described by
                           libtpu (v5p:4x4x4, v5e:16x16, v6e:8x8, ...; no TPU
-                          needed) or for N host CPU devices (cpu:N)
+                          needed), for NVIDIA GPUs (h100:8 = one host of 8,
+                          h100:8x8 = 8 hosts x 8; h200, a100, b200; the CUDA
+                          plugin, no GPU needed) or for N host CPU devices
+                          (cpu:N)
   --dry_run_json=FILE     with --dry_run: also write the report as JSON
   --num_slices=N          with --dry_run --topology: N slices of it joined
                           along data parallelism (mesh.dcn_data=N)
@@ -39,7 +42,9 @@ flags.DEFINE_string("workdir", None, "Run directory (created if missing).")
 flags.DEFINE_bool("dry_run", False, "Compile from abstract shapes, report "
                   "memory, FLOPs, collectives and a roofline estimate.")
 flags.DEFINE_string("topology", "", "With --dry_run: a libtpu topology "
-                    "(v5p:4x4x4, v5e:16x16, ...) or cpu:N.")
+                    "(v5p:4x4x4, v5e:16x16, ...), GPUs as MODEL:GPUS or "
+                    "MODEL:HOSTSxGPUS (h100:8, h100:8x8; h200, a100, b200) "
+                    "or cpu:N.")
 flags.DEFINE_string("dry_run_json", "", "With --dry_run: write the report here.")
 flags.DEFINE_integer("num_slices", 1, "With --dry_run --topology: that many "
                      "slices joined along data parallelism (mesh.dcn_data).")

@@ -11,7 +11,15 @@ Per chip (TPU) or GPU, from the vendors' published specifications:
                collective that sends T bytes per chip then takes T / ici_bw,
                which is what the vendors' all-reduce bandwidths per pod give
                (v5e: 51.2 TB/s over 256 chips = half of 400 GB/s, as an
-               all-reduce sends twice its payload)
+               all-reduce sends twice its payload). GPUs: NVLink per
+               direction (H100/H200 450 GB/s of the 900 bidirectional, B200
+               900, A100 300), which is what a ring over NVSwitch sends at
+  dcn_bw       bandwidth per chip between hosts, bytes/s per direction (GPUs:
+               one InfiniBand / RoCE NIC per GPU, as in NVIDIA's HGX / DGX
+               systems: 400 Gb/s ConnectX-7 = 50 GB/s on H100, H200 and B200,
+               200 Gb/s HDR = 25 GB/s on A100); 0 where not modelled (TPU:
+               multi-slice DCN transfers are reported, not timed). A
+               collective whose group spans hosts runs at this speed
 
 Looked up by device kind (`jax.Device.device_kind`, lower case substring) or
 by a topology name's prefix (`v5p:4x4x4` -> v5p).
@@ -31,6 +39,7 @@ class Chip:
   hbm_bytes: float
   hbm_bw: float
   ici_bw: float
+  dcn_bw: float = 0.0
 
 
 CHIPS = {
@@ -38,10 +47,10 @@ CHIPS = {
     "v5e": Chip("TPU v5e", 197e12, 394e12, 16 * GIB, 819e9, 400e9),
     "v5p": Chip("TPU v5p", 459e12, 918e12, 95 * GIB, 2765e9, 1200e9),
     "v6e": Chip("TPU v6e", 918e12, 1836e12, 32 * GIB, 1640e9, 800e9),
-    "h100": Chip("NVIDIA H100 SXM", 989e12, 1979e12, 80e9, 3350e9, 900e9),
-    "h200": Chip("NVIDIA H200", 989e12, 1979e12, 141e9, 4800e9, 900e9),
-    "a100": Chip("NVIDIA A100 SXM", 312e12, 624e12, 80e9, 2039e9, 600e9),
-    "b200": Chip("NVIDIA B200", 2250e12, 4500e12, 180e9, 8000e9, 1800e9),
+    "h100": Chip("NVIDIA H100 SXM", 989e12, 1979e12, 80e9, 3350e9, 450e9, 50e9),
+    "h200": Chip("NVIDIA H200", 989e12, 1979e12, 141e9, 4800e9, 450e9, 50e9),
+    "a100": Chip("NVIDIA A100 SXM", 312e12, 624e12, 80e9, 2039e9, 300e9, 25e9),
+    "b200": Chip("NVIDIA B200", 2250e12, 4500e12, 180e9, 8000e9, 900e9, 50e9),
 }
 # device_kind substrings (lower case) -> table key, most specific first.
 _KINDS = (("v6 lite", "v6e"), ("v6e", "v6e"), ("v5 lite", "v5e"),

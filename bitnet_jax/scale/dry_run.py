@@ -25,6 +25,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import re
 import time
 from typing import Any
 
@@ -32,7 +33,8 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax.scale import chips as chips_lib
-from bitnet_jax.scale import hlo_stats, hlo_text
+from bitnet_jax.scale import gpu_topology
+from bitnet_jax.scale import hlo_stats, hlo_text, sharding
 from bitnet_jax.errors import ConfigError
 from bitnet_jax.model import count_params
 
@@ -63,6 +65,11 @@ def topology_devices(name: str, num_slices: int = 1
           f"XLA_FLAGS=--xla_force_host_platform_device_count={n} before "
           "starting (python -m bitnet_jax.train does it for --topology=cpu:N)")
     return cpu[:n], None
+  if gpu_topology.is_gpu_topology(name):
+    if num_slices > 1:
+      raise TopologyError(f"--num_slices is for TPU slices; a GPU cluster is "
+                          f"HOSTSxGPUS ({name.split(':')[0]}:8x8)")
+    return gpu_topology.devices(name), chips_lib.for_topology(name)
   try:
     import libtpu  # noqa: F401  (only to say how to get it)
   except ImportError:
@@ -101,6 +108,10 @@ def model_flops_per_token(setup) -> tuple[float, float]:
 
 
 def zero3_payload(setup, config) -> float:
+  return sum(zero3_payload_by_axis(setup, config).values())
+
+
+def zero3_payload_by_axis(setup, config) -> dict[str, float]:
   """Collective payload bytes per chip the layout needs for one step, at
   least: a weight sharded over `fsdp` (ZeRO-3) is gathered in the compute
   dtype for the forward pass, again for the rematerialised one, and its
@@ -114,7 +125,7 @@ def zero3_payload(setup, config) -> float:
   itemsize = jnp.dtype(cfg.compute_dtype).itemsize
   gathers = 2 if cfg.remat == "full" else 1
   data = setup.mesh.shape["data"]
-  total = 0.0
+  total = {"fsdp": 0.0, "data": 0.0}
   for path, leaf in jax.tree_util.tree_flatten_with_path(setup.abstract.params)[0]:
     if getattr(path[0], "key", "") == "embed" and not cfg.tie_embeddings:
       continue
@@ -126,10 +137,10 @@ def zero3_payload(setup, config) -> float:
     local = math.prod(leaf.shape) / math.prod(setup.mesh.shape[a] for a in axes)
     fsdp = math.prod(setup.mesh.shape[a] for a in axes if a == "fsdp")
     if fsdp > 1:
-      total += (local * fsdp * (gathered * gathers + itemsize)
-                * config.train.microbatches)
+      total["fsdp"] += (local * fsdp * (gathered * gathers + itemsize)
+                        * config.train.microbatches)
     if data > 1:
-      total += local * itemsize
+      total["data"] += local * itemsize
   return total
 
 
@@ -144,18 +155,25 @@ def _axes(leaf) -> list[str]:
 
 def roofline(stats: hlo_stats.ProgramStats, chip: chips_lib.Chip) -> dict:
   """Seconds for compute+memory (per op, the larger of the two) and for
-  collectives (ring traffic over ICI); the step is the larger (overlap)."""
+  collectives (ring traffic over ICI / NVLink; a group that spans hosts at
+  the chip's inter-host bandwidth, where it has one); the step is the
+  larger of the two (collectives overlap the ops)."""
   ops_s = 0.0
   for op in stats.ops:
     int8 = sum(f for d, f in op.flops.items() if d in ("s8", "u8", "s4", "u4"))
     rest = sum(op.flops.values()) - int8
     compute = rest / chip.bf16_flops + int8 / chip.int8_ops
     ops_s += op.count * max(compute, op.bytes / chip.hbm_bw)
-  collective_s = stats.collective_bytes(traffic=True) / chip.ici_bw
+  inter_bw = chip.dcn_bw or chip.ici_bw
+  intra_s = stats.collective_bytes(traffic=True, inter_host=False) / chip.ici_bw
+  inter_s = stats.collective_bytes(traffic=True, inter_host=True) / inter_bw
+  collective_s = intra_s + inter_s
   compute_s = sum(f / (chip.int8_ops if d in ("s8", "u8", "s4", "u4")
                        else chip.bf16_flops) for d, f in stats.flops.items())
   return {"compute_s": compute_s, "hbm_s": stats.hbm_bytes / chip.hbm_bw,
           "ops_s": ops_s, "collective_s": collective_s,
+          "intra_host_collective_s": intra_s,
+          "inter_host_collective_s": inter_s,
           "step_s": max(ops_s, collective_s)}
 
 
@@ -185,7 +203,7 @@ def report(config, topology: str = "", num_slices: int = 1) -> dict[str, Any]:
   data parallelism: mesh.dcn_data) and return the per-chip report."""
   if num_slices > 1:
     dcn = config.mesh.get("dcn_data", 1)
-    if dcn not in (1, num_slices):
+    if dcn not in (1, -1, num_slices):
       raise TopologyError(f"--num_slices={num_slices} but mesh.dcn_data={dcn}")
     config = config.copy_and_resolve_references()
     config.mesh.dcn_data = num_slices
@@ -196,13 +214,14 @@ def report(config, topology: str = "", num_slices: int = 1) -> dict[str, Any]:
 
 
 def by_dtype(stats: hlo_stats.ProgramStats) -> dict[str, float]:
-  """Collective payload bytes per step by element type ("all-reduce u32":
-  the TPU compiler packs int8 gathers four to a u32)."""
+  """Collective payload bytes per step by kind and element type ("all-gather
+  s8"; the TPU compiler packs int8 gathers four to a u32; a combined
+  collective counts each of its arrays)."""
   out: dict[str, float] = {}
   for c in stats.collectives:
-    for dtype, _ in hlo_stats.arrays(c.shape)[:1]:
+    for dtype, nbytes in c.payload_by_dtype.items():
       key = f"{c.kind} {dtype}"
-      out[key] = out.get(key, 0.0) + c.payload * c.count
+      out[key] = out.get(key, 0.0) + nbytes * c.count
   return out
 
 
@@ -227,7 +246,9 @@ def summarize(config, setup, compiled, chip: chips_lib.Chip | None,
   if chip:
     out["hbm_gib"] = chip.hbm_bytes / GIB
     out["fits"] = out["total_gib"] <= out["hbm_gib"]
-  stats = hlo_stats.analyze(compiled.as_text(), n)
+  text = compiled.as_text()
+  stats = hlo_stats.analyze(text, n, sharding.network_granules(devices))
+  hosts = len(set(sharding.network_granules(devices)))
   tokens = config.data.batch_size * config.model.seq_len / n
   model_fpt, needed_fpt = model_flops_per_token(setup)
   out.update(
@@ -237,10 +258,16 @@ def summarize(config, setup, compiled, chip: chips_lib.Chip | None,
       collectives=stats.by_kind(), collectives_by_dtype=by_dtype(stats),
       collective_payload=stats.collective_bytes(),
       zero3_payload=zero3_payload(setup, config),
-      unknown_trip_counts=stats.unknown_trip_counts)
+      zero3_payload_by_axis=zero3_payload_by_axis(setup, config),
+      unknown_trip_counts=stats.unknown_trip_counts,
+      hosts=hosts, attention=attention_calls(text),
+      custom_calls=custom_calls(text))
+  if hosts > 1:
+    out["intra_host_payload"] = stats.collective_bytes(inter_host=False)
+    out["inter_host_payload"] = stats.collective_bytes(inter_host=True)
   if len({getattr(d, "slice_index", 0) for d in devices}) > 1:
     dcn: dict[str, dict[str, float]] = {}
-    for kind, _, nbytes in hlo_text.dcn_transfers(compiled.as_text()):
+    for kind, _, nbytes in hlo_text.dcn_transfers(text):
       entry = dcn.setdefault(kind, {"sites": 0, "bytes": 0.0})
       entry["sites"] += 1
       entry["bytes"] += nbytes
@@ -251,6 +278,26 @@ def summarize(config, setup, compiled, chip: chips_lib.Chip | None,
     est["tokens_per_s_per_chip"] = tokens / est["step_s"]
     out["estimate"] = est
   return out
+
+
+def custom_calls(text: str) -> dict[str, int]:
+  """custom_call_target -> sites in the optimized program."""
+  out: dict[str, int] = {}
+  for target in re.findall(r'custom_call_target="([^"]+)"', text):
+    out[target] = out.get(target, 0) + 1
+  return out
+
+
+def attention_calls(text: str) -> str:
+  """Which attention the program runs: 'cudnn' (fused flash attention
+  custom calls), 'pallas' (a Pallas / Mosaic kernel) or 'xla' (the scores
+  materialised by XLA's own ops)."""
+  calls = custom_calls(text)
+  if any("__cudnn$fmha" in t for t in calls):
+    return "cudnn"
+  if any(t in ("tpu_custom_call", "__gpu$xla.gpu.triton") for t in calls):
+    return "pallas"
+  return "xla"
 
 
 def format_report(r: dict[str, Any]) -> str:
@@ -282,6 +329,15 @@ def format_report(r: dict[str, Any]) -> str:
   if big:
     lines.append("  collective payload by element type: " + ", ".join(
         f"{k} {g(v)}" for k, v in sorted(big.items(), key=lambda kv: -kv[1])))
+  if r.get("hosts", 1) > 1 and "inter_host_payload" in r:
+    need = r.get("zero3_payload_by_axis", {})
+    lines.append(
+        f"  across {r['hosts']} hosts: payload {g(r['inter_host_payload'])} "
+        f"between hosts (needed: the data-parallel gradient reduction "
+        f"{g(need.get('data', 0.0))}), {g(r['intra_host_payload'])} within")
+  if "attention" in r:
+    lines.append(f"  attention: {r['attention']}" + "".join(
+        f", {k} {v}x" for k, v in sorted(r.get("custom_calls", {}).items())))
   if "dcn_transfers" in r:
     lines.append("  across slices (DCN), per chip and pass: " + (", ".join(
         f"{k.lower().replace('_', '-')} {v['sites']:.0f} sites {g(v['bytes'])}"
@@ -294,7 +350,10 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(
         f"  estimate (roofline, not a measurement): step {est['step_s']:.3f} s "
         f"(ops {est['ops_s']:.3f} s: compute {est['compute_s']:.3f}, HBM "
-        f"{est['hbm_s']:.3f}; collectives {est['collective_s']:.3f} s), "
+        f"{est['hbm_s']:.3f}; collectives {est['collective_s']:.3f} s"
+        + (f": {est['intra_host_collective_s']:.3f} within hosts, "
+           f"{est['inter_host_collective_s']:.3f} between"
+           if r.get("hosts", 1) > 1 else "") + "), "
         f"{est['tokens_per_s_per_chip']:.0f} tokens/s/chip, MFU "
         f"{100 * est['mfu']:.1f}%")
   return "\n".join(lines)
