@@ -31,14 +31,21 @@ def test_roofline_arithmetic():
   stats = hlo_stats.ProgramStats(
       ops=[hlo_stats.Op("dot", {"bf16": 400.0}, 20.0, 2.0),   # 4 s each
            hlo_stats.Op("add", {}, 30.0, 1.0),                # 3 s
-           hlo_stats.Op("int", {"s8": 400.0}, 0.0, 1.0)],     # 2 s
+           hlo_stats.Op("int", {"s8": 400.0}, 0.0, 1.0),      # 2 s
+           # float32 at HIGHEST: six bf16 passes (no f32 peak given) 6 s;
+           # at default precision the bf16 peak, 1 s
+           hlo_stats.Op("f32", {"f32": 100.0}, 0.0, 1.0),
+           hlo_stats.Op("f32d", {hlo_stats.F32_DEFAULT: 100.0}, 0.0, 1.0)],
       collectives=[hlo_stats.Collective("all-gather", "g", "", 2, 40.0, 20.0,
                                         1.0)],                 # 4 s
       unknown_trip_counts=[])
   r = dry_run.roofline(stats, chip)
-  assert r["ops_s"] == pytest.approx(4 * 2 + 3 + 2)
+  assert r["ops_s"] == pytest.approx(4 * 2 + 3 + 2 + 6 + 1)
   assert r["collective_s"] == pytest.approx(4.0)
-  assert r["step_s"] == pytest.approx(13.0)
+  assert r["step_s"] == pytest.approx(20.0)
+  gpu = chips.Chip("gpu", 100.0, 200.0, 1e9, 10.0, 5.0, 1.0, f32_flops=10.0)
+  assert dry_run.roofline(stats, gpu)["ops_s"] == pytest.approx(
+      4 * 2 + 3 + 2 + 10 + 1)
 
 
 def test_unknown_tpu_topology_is_one_line():

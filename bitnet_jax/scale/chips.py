@@ -14,6 +14,10 @@ Per chip (TPU) or GPU, from the vendors' published specifications:
                all-reduce sends twice its payload). GPUs: NVLink per
                direction (H100/H200 450 GB/s of the 900 bidirectional, B200
                900, A100 300), which is what a ring over NVSwitch sends at
+  f32_flops    float32 matmul rate at Precision.HIGHEST (the FWHT's blocks):
+               GPUs run it on the CUDA cores (FP32, non-tensor: H100 / H200
+               67 TFLOP/s, A100 19.5, B200 80), TPUs as six bf16 passes on
+               the MXU (bf16_flops / 6)
   dcn_bw       bandwidth per chip between hosts, bytes/s per direction (GPUs:
                one InfiniBand / RoCE NIC per GPU, as in NVIDIA's HGX / DGX
                systems: 400 Gb/s ConnectX-7 = 50 GB/s on H100, H200 and B200,
@@ -40,6 +44,11 @@ class Chip:
   hbm_bw: float
   ici_bw: float
   dcn_bw: float = 0.0
+  f32_flops: float = 0.0   # 0: bf16_flops / 6 (six bf16 passes)
+
+  @property
+  def f32_rate(self) -> float:
+    return self.f32_flops or self.bf16_flops / 6
 
 
 CHIPS = {
@@ -47,10 +56,14 @@ CHIPS = {
     "v5e": Chip("TPU v5e", 197e12, 394e12, 16 * GIB, 819e9, 400e9),
     "v5p": Chip("TPU v5p", 459e12, 918e12, 95 * GIB, 2765e9, 1200e9),
     "v6e": Chip("TPU v6e", 918e12, 1836e12, 32 * GIB, 1640e9, 800e9),
-    "h100": Chip("NVIDIA H100 SXM", 989e12, 1979e12, 80e9, 3350e9, 450e9, 50e9),
-    "h200": Chip("NVIDIA H200", 989e12, 1979e12, 141e9, 4800e9, 450e9, 50e9),
-    "a100": Chip("NVIDIA A100 SXM", 312e12, 624e12, 80e9, 2039e9, 300e9, 25e9),
-    "b200": Chip("NVIDIA B200", 2250e12, 4500e12, 180e9, 8000e9, 900e9, 50e9),
+    "h100": Chip("NVIDIA H100 SXM", 989e12, 1979e12, 80e9, 3350e9, 450e9, 50e9,
+                 67e12),
+    "h200": Chip("NVIDIA H200", 989e12, 1979e12, 141e9, 4800e9, 450e9, 50e9,
+                 67e12),
+    "a100": Chip("NVIDIA A100 SXM", 312e12, 624e12, 80e9, 2039e9, 300e9, 25e9,
+                 19.5e12),
+    "b200": Chip("NVIDIA B200", 2250e12, 4500e12, 180e9, 8000e9, 900e9, 50e9,
+                 80e12),
 }
 # device_kind substrings (lower case) -> table key, most specific first.
 _KINDS = (("v6 lite", "v6e"), ("v6e", "v6e"), ("v5 lite", "v5e"),

@@ -15,7 +15,9 @@ devices, or for a TPU slice that libtpu describes (`v5p:4x4x4`, `v5e:16x16`,
                rematerialised one, gradients reduce-scattered, per
                microbatch; data parallelism: gradients all-reduced)
   estimate     a roofline of the step: every top-level op takes
-               max(FLOPs / peak, bytes / HBM bandwidth), collectives take
+               max(FLOPs / peak, bytes / HBM bandwidth) (the peak of its
+               operand type: bf16, int8, or float32 at HIGHEST precision,
+               which the FWHT's blocks use), collectives take
                ring traffic / ICI bandwidth and overlap the ops; MFU = the
                model's FLOPs / (step time x bf16 peak). An estimate, not a
                measurement (chips.py has the peaks).
@@ -158,18 +160,20 @@ def roofline(stats: hlo_stats.ProgramStats, chip: chips_lib.Chip) -> dict:
   collectives (ring traffic over ICI / NVLink; a group that spans hosts at
   the chip's inter-host bandwidth, where it has one); the step is the
   larger of the two (collectives overlap the ops)."""
+  def rate(dtype: str) -> float:
+    if dtype in hlo_stats.INT_DTYPES:
+      return chip.int8_ops
+    return chip.f32_rate if dtype == "f32" else chip.bf16_flops
+
   ops_s = 0.0
   for op in stats.ops:
-    int8 = sum(f for d, f in op.flops.items() if d in ("s8", "u8", "s4", "u4"))
-    rest = sum(op.flops.values()) - int8
-    compute = rest / chip.bf16_flops + int8 / chip.int8_ops
+    compute = sum(f / rate(d) for d, f in op.flops.items())
     ops_s += op.count * max(compute, op.bytes / chip.hbm_bw)
   inter_bw = chip.dcn_bw or chip.ici_bw
   intra_s = stats.collective_bytes(traffic=True, inter_host=False) / chip.ici_bw
   inter_s = stats.collective_bytes(traffic=True, inter_host=True) / inter_bw
   collective_s = intra_s + inter_s
-  compute_s = sum(f / (chip.int8_ops if d in ("s8", "u8", "s4", "u4")
-                       else chip.bf16_flops) for d, f in stats.flops.items())
+  compute_s = sum(f / rate(d) for d, f in stats.flops.items())
   return {"compute_s": compute_s, "hbm_s": stats.hbm_bytes / chip.hbm_bw,
           "ops_s": ops_s, "collective_s": collective_s,
           "intra_host_collective_s": intra_s,
@@ -208,6 +212,14 @@ def report(config, topology: str = "", num_slices: int = 1) -> dict[str, Any]:
     config = config.copy_and_resolve_references()
     config.mesh.dcn_data = num_slices
   devices, chip = topology_devices(topology, num_slices)
+  if gpu_topology.is_gpu_topology(topology) and not gpu_topology.cudnn_available():
+    from bitnet_jax.model import ModelConfig
+    if ModelConfig.from_config(config).for_platform(
+        "gpu").attention_impl == "cudnn":
+      raise TopologyError(
+          f"--topology={topology}: cuDNN attention compiles with the cuDNN "
+          "library: pip install -r requirements-gpu-compile.txt (or "
+          "--config.model.attention_impl=xla)")
   setup, compiled, seconds = compile_step(config, devices)
   label = topology + (f" x {num_slices} slices" if num_slices > 1 else "")
   return summarize(config, setup, compiled, chip, label, seconds)

@@ -6,7 +6,9 @@ trip counts. This module walks `compiled.as_text()` itself and applies them:
 
   matmul FLOPs   every `dot` and `convolution` (TPU writes matmuls as
                  convolutions with windows; valid window positions are
-                 counted exactly as XLA's cost model does), by operand dtype
+                 counted exactly as XLA's cost model does), by operand dtype;
+                 float32 operands at default precision (TF32 / one bf16
+                 pass) apart from those at Precision.HIGHEST ('f32')
   HBM bytes      operands + result of every instruction outside fusions (a
                  fusion counts at its boundary): an estimate of memory traffic.
                  A fusion operand that the fusion only reads through
@@ -44,6 +46,10 @@ import numpy as np
 from bitnet_jax.scale.hlo_text import (ARRAY_RE, COLLECTIVES, DTYPE_BYTES, FREE_OPS,
                                  NAME_RE, Instruction, arrays, group_size,
                                  parse, replica_groups, shape_bytes)
+
+F32_DEFAULT = "f32 default"  # float32 operands, default precision
+INT_DTYPES = ("s8", "u8", "s4", "u4")
+
 
 def _conv_valid_positions(out: int, window: int, inp: int, stride: int,
                           pad_lo: int, lhs_dil: int, rhs_dil: int) -> int:
@@ -221,6 +227,8 @@ class _Walker:
   def _matmul_flops(self, comp: str, inst: Instruction) -> dict[str, float]:
     shapes = [self.shapes[comp].get(o, "") for o in inst.operands]
     dtype = (arrays(shapes[0]) or [("?", ())])[0][0] if shapes else "?"
+    if dtype == "f32" and "operand_precision={highest" not in inst.attrs:
+      dtype = F32_DEFAULT  # TF32 / one bf16 pass, not full float32
     if inst.opcode == "dot" and shapes:
       return {dtype: dot_flops(inst, shapes[0])}
     if inst.opcode == "convolution" and len(shapes) == 2:
