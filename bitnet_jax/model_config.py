@@ -25,11 +25,14 @@ WEIGHT_FORMS = ("latent", "int8", "packed")
 TRAIN_MATMULS = ("float", "int8")   # how latent weights multiply in training
 # quant.train_matmul='auto' by backend, from measurements (README, "Integer
 # matmuls in training"): int8 on TPU (compiled estimate) and CPU (bench);
-# float on GPU: compiled for H100 / B200, int8 GEMMs make the v2 step
-# estimate slower, not faster (the quantize passes cost more HBM traffic than
-# the int8 tensor cores save; docs/gpu_fit_table.md), until a GPU measures
-# otherwise (python -m bitnet_jax.scale.gpu_measure)
+# on GPU by width, from the compiled estimate (docs/gpu_fit_table.md, H100
+# and B200): int8 from d_model 4096 (the 3B and 7B steps are estimated
+# 9-17% faster with int8 GEMMs), float below (the 400M and 1.3B steps are
+# slower: there the extra quantize passes cost more HBM time than the int8
+# tensor cores save), until a GPU measures otherwise
+# (python -m bitnet_jax.scale.gpu_measure)
 AUTO_TRAIN_MATMUL = {"tpu": "int8", "cpu": "int8"}
+GPU_INT8_MIN_D_MODEL = 4096
 WEIGHT_SCALES = ("projection", "tensor")
 REMAT_POLICIES = {
     "none": None,
@@ -194,7 +197,11 @@ class ModelConfig:
     ('cpu', 'tpu', 'gpu')."""
     changes = {}
     if self.train_matmul == "auto":
-      changes["train_matmul"] = AUTO_TRAIN_MATMUL.get(platform, "float")
+      if platform == "gpu":
+        changes["train_matmul"] = ("int8" if self.d_model >= GPU_INT8_MIN_D_MODEL
+                                   else "float")
+      else:
+        changes["train_matmul"] = AUTO_TRAIN_MATMUL.get(platform, "float")
     if not self.attention_impl:
       changes["attention_impl"] = attention_for(self, platform)
     return self.replace(**changes) if changes else self

@@ -204,3 +204,34 @@ def test_readme_gpu_fit_table_is_the_commands_output():
   assert seven["estimate"]["mfu"] >= 0.45
   assert seven["inter_host_payload"] <= 1.5 * seven[
       "zero3_payload_by_axis"]["data"]
+
+
+@pytest.mark.slow
+def test_cli_dry_run_for_gpus(tmp_path):
+  """The command a user types: the report names the GPUs, the hosts and
+  cuDNN attention; a malformed topology is one error line."""
+  needs_plugin()
+  import subprocess
+  import sys
+  from conftest import subprocess_env
+  env = dict(subprocess_env())
+  env.pop("JAX_PLATFORMS")  # the command sets what the plugin needs itself
+  out = tmp_path / "r.json"
+  proc = subprocess.run(
+      [sys.executable, "-m", "bitnet_jax.train", "--config=configs/tiny.py",
+       "--dry_run", "--topology=h100:2x2", "--config.model.dtype=bfloat16",
+       "--config.mesh.data=1", "--config.mesh.fsdp=-1",
+       f"--dry_run_json={out}"], env=env, capture_output=True, text=True,
+      timeout=600, cwd=ROOT)
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "4 x NVIDIA H100 SXM" in proc.stdout
+  assert "attention: cudnn" in proc.stdout and "across 2 hosts" in proc.stdout
+  r = json.loads(out.read_text())
+  assert r["mesh"] == {"data": 2, "fsdp": 2, "tensor": 1} and r["hosts"] == 2
+  bad = subprocess.run(
+      [sys.executable, "-m", "bitnet_jax.train", "--config=configs/tiny.py",
+       "--dry_run", "--topology=h100:2x"], env=env, capture_output=True,
+      text=True, timeout=600, cwd=ROOT)
+  assert bad.returncode != 0
+  errors = [l for l in bad.stderr.splitlines() if l.startswith("error:")]
+  assert len(errors) == 1 and "--topology=h100:2x" in errors[0], bad.stderr[-1000:]

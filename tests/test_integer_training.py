@@ -101,11 +101,18 @@ def test_model_loss_and_gradients_match(variant, bits):
     out[matmul] = jax.value_and_grad(step_lib.loss_fn, has_aux=True)(
         params, {"tokens": tokens}, model)
   ((l_int, _), g_int), ((l_fake, _), g_fake) = out["int8"], out["float"]
-  assert float(l_int) == pytest.approx(float(l_fake), rel=1e-5)
+  # The int8 path accumulates exactly (int32), the fake-quantized one in
+  # float32: a projection's output differs by float32 rounding, and where the
+  # next layer's input sits on a rounding boundary one activation code flips
+  # (seen on some CPUs: b1.58 at 8 bits, loss 1.7e-5 apart, 7 of 64 final-norm
+  # gradient entries 3% apart). So: the loss to 5e-5, each gradient leaf to
+  # 2% of its norm (a wrong backward is off by O(1)).
+  assert float(l_int) == pytest.approx(float(l_fake), rel=5e-5)
   for (path, a), b in zip(jax.tree_util.tree_flatten_with_path(g_int)[0],
                           jax.tree.leaves(g_fake)):
-    np.testing.assert_allclose(a, b, rtol=2e-3, atol=2e-3 * np.abs(b).max(),
-                               err_msg=jax.tree_util.keystr(path))
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    assert np.linalg.norm(a - b) <= 2e-2 * np.linalg.norm(b) + 1e-12, (
+        jax.tree_util.keystr(path), np.linalg.norm(a - b) / np.linalg.norm(b))
 
 
 def fsdp_config(matmul, mesh=(1, 8, 1)):
@@ -266,7 +273,9 @@ def test_auto_follows_the_measurements_per_backend():
   cfg = model_cfg(matmul="auto")
   assert cfg.for_platform("tpu").train_matmul == "int8"
   assert cfg.for_platform("cpu").train_matmul == "int8"
-  assert cfg.for_platform("gpu").train_matmul == "float"
+  assert cfg.for_platform("gpu").train_matmul == "float"   # d 64
+  assert cfg.replace(d_model=4096, d_ff=8192).for_platform(
+      "gpu").train_matmul == "int8"
   assert model_cfg(matmul="float").for_platform("tpu").train_matmul == "float"
   from bitnet_jax.training import trainer
   setup = trainer.build(fsdp_config("auto"), jax.devices()[:8])
