@@ -41,69 +41,11 @@ import math
 import re
 from typing import Iterable
 
-import numpy as np
-
+from bitnet_jax.scale.hlo_flops import (F32_DEFAULT, INT_DTYPES, conv_flops,
+                                        custom_call_flops, dot_flops)
 from bitnet_jax.scale.hlo_text import (ARRAY_RE, COLLECTIVES, DTYPE_BYTES, FREE_OPS,
                                  NAME_RE, Instruction, arrays, group_size,
                                  parse, replica_groups, shape_bytes)
-
-F32_DEFAULT = "f32 default"  # float32 operands, default precision
-INT_DTYPES = ("s8", "u8", "s4", "u4")
-
-
-def _conv_valid_positions(out: int, window: int, inp: int, stride: int,
-                          pad_lo: int, lhs_dil: int, rhs_dil: int) -> int:
-  """(output position, window position) pairs that read a real input element."""
-  o = np.arange(out)[:, None]
-  k = np.arange(window)[None, :]
-  pos = o * stride + k * rhs_dil - pad_lo
-  ok = (pos >= 0) & (pos <= (inp - 1) * lhs_dil) & (pos % lhs_dil == 0)
-  return int(ok.sum())
-
-
-def _window_fields(window: str, rank: int) -> dict[str, list[int]]:
-  fields = {"size": [1] * rank, "stride": [1] * rank, "lhs_dilate": [1] * rank,
-            "rhs_dilate": [1] * rank, "pad_lo": [0] * rank}
-  for key, value in re.findall(r"(\w+)=([\d_x\-]+)", window):
-    parts = value.split("x")
-    if key == "pad":
-      fields["pad_lo"] = [int(p.split("_")[0]) for p in parts]
-    elif key in fields:
-      fields[key] = [int(p) for p in parts]
-  return fields
-
-
-def conv_flops(inst: Instruction, lhs: str, rhs: str) -> float:
-  """2 x multiply-adds of a convolution, counting only valid positions."""
-  labels = inst.attr("dim_labels") or ""
-  lhs_l, rest = labels.split("_")
-  rhs_l, out_l = rest.split("->")
-  (_, lhs_dims), = arrays(lhs)[:1]
-  (_, rhs_dims), = arrays(rhs)[:1]
-  (_, out_dims), = arrays(inst.shape)[:1]
-  spatial = [c for c in out_l if c.isdigit()]
-  window = inst.attr("window") or ""
-  w = _window_fields(window, len(spatial))
-  valid = 1
-  for i, c in enumerate(spatial):
-    valid *= _conv_valid_positions(
-        out_dims[out_l.index(c)], rhs_dims[rhs_l.index(c)],
-        lhs_dims[lhs_l.index(c)], w["stride"][i], w["pad_lo"][i],
-        w["lhs_dilate"][i], w["rhs_dilate"][i])
-  groups = int(inst.attr("feature_group_count") or 1)
-  in_features = lhs_dims[lhs_l.index("f")] // groups
-  macs = (out_dims[out_l.index("b")] * out_dims[out_l.index("f")]
-          * in_features * valid)
-  return 2.0 * macs
-
-
-def dot_flops(inst: Instruction, lhs: str) -> float:
-  (_, lhs_dims), = arrays(lhs)[:1]
-  contracting = inst.attr("lhs_contracting_dims") or "{}"
-  k = math.prod(lhs_dims[int(i)] for i in re.findall(r"\d+", contracting))
-  (_, out_dims), = arrays(inst.shape)[:1]
-  return 2.0 * math.prod(out_dims) * k
-
 
 @dataclasses.dataclass
 class Collective:
@@ -403,40 +345,6 @@ class _Walker:
 def _const(inst: Instruction) -> int:
   """The value of a scalar integer constant instruction."""
   return int(inst.literal) if re.fullmatch(r"-?\d+", inst.literal) else 0
-
-
-_FMHA_RE = re.compile(r'"intermediate_tensor_shape":\s*\{[^}]*?"dimensions":'
-                      r'\s*\[([^\]]*)\]')
-_GEMM_CONTRACT_RE = re.compile(r'"lhs_contracting_dimensions":\s*\[([^\]]*)\]')
-
-
-def custom_call_flops(inst: Instruction, operand_shapes: list[str]) -> float:
-  """Matmul FLOPs of a library call XLA does not count: cuDNN attention
-  and cuBLAS GEMMs; 0 for any other custom call."""
-  target = inst.attr("custom_call_target") or ""
-  if "__cudnn$fmha" in target:
-    m = _FMHA_RE.search(inst.attrs)
-    q = arrays(operand_shapes[0])
-    if not (m and q):
-      return 0.0
-    b, n, t, s = (int(x) for x in re.findall(r"\d+", m.group(1))[:4])
-    head = q[0][1][-1]
-    flops = 4.0 * b * n * t * s * head
-    if '"mask_type": "CAUSAL"' in inst.attrs or \
-        '"mask_type": "PADDING_CAUSAL"' in inst.attrs:
-      visible = sum(min(s, s - t + i + 1) for i in range(t)) if s >= t else \
-          t * s / 2
-      flops *= visible / (t * s)
-    return 2.5 * flops if "Backward" in target else flops
-  if "__cublas$gemm" in target or "__cublas$lt$matmul" in target:
-    m = _GEMM_CONTRACT_RE.search(inst.attrs)
-    lhs = arrays(operand_shapes[0])
-    out = arrays(inst.shape)
-    if not (m and lhs and out):
-      return 0.0
-    k = math.prod(lhs[0][1][int(i)] for i in re.findall(r"\d+", m.group(1)))
-    return 2.0 * math.prod(out[0][1]) * k
-  return 0.0
 
 
 def analyze(text: str, num_devices: int, hosts=None) -> ProgramStats:
