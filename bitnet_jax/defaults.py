@@ -37,6 +37,8 @@ def base_config() -> ml_collections.ConfigDict:
   c = ml_collections.ConfigDict()
   c.seed = 0                       # seeds parameter init and data order
   c.init_from = ""                 # a8 workdir or step dir to continue from (a4)
+  c.init_from_any_variant = False  # allow init_from a run of another variant or
+                                   # form (an experiment; see run_identity.py)
 
   m = c.model = ml_collections.ConfigDict()
   m.variant = "v2"                 # fp | b1.58 | v2 | a4.8

@@ -20,7 +20,7 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 
-from bitnet_jax import rundir
+from bitnet_jax import rundir, run_identity
 from bitnet_jax.data import corpus as corpus_lib
 from bitnet_jax.data import pipeline as data_lib
 from bitnet_jax.data import tokenizer as tokenizer_lib
@@ -180,16 +180,12 @@ def train(config, workdir: str, preemption: Preemption | None = None) -> dict:
   rundir.RunDir(workdir).prepare()
   compile_cache.enable(config.train.get("compile_cache_dir",
                                         compile_cache.DEFAULT))
-  if config.init_from:
-    try:  # fail before compiling
-      ckpt_lib.resolve_checkpoint(config.init_from)
-    except FileNotFoundError as e:
-      raise MissingInput(f"init_from: {e}") from None
+  changes = check_identity(config, workdir)  # before compiling
   setup = build(config)
   lock = workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0)
   lock.acquire()  # before anything is written into the workdir
   try:
-    summary = _train_locked(setup, config, workdir, preemption)
+    summary = _train_locked(setup, config, workdir, preemption, changes)
     logging.info("done: %s", json.dumps(summary))
     return summary
   except BaseException as e:  # why the run stopped, in train.log too
@@ -200,7 +196,24 @@ def train(config, workdir: str, preemption: Preemption | None = None) -> dict:
     lock.release()
 
 
-def _train_locked(setup: Setup, config, workdir: str, preemption) -> dict:
+def check_identity(config, workdir: str) -> list[tuple]:
+  """Refuse a restart or an init_from that changes what the run is
+  (run_identity.py); the other fields this restart changes."""
+  run = rundir.RunDir(workdir)
+  if ckpt_lib.has_checkpoint(workdir) and (run / rundir.CONFIG).exists():
+    return run_identity.check_restart(run.read_config(), config, workdir)
+  if config.init_from:
+    try:
+      ckpt_lib.resolve_checkpoint(config.init_from)
+    except FileNotFoundError as e:
+      raise MissingInput(f"init_from: {e}") from None
+    run_identity.check_init_from(run_identity.source_config(config.init_from),
+                                 config, config.init_from)
+  return []
+
+
+def _train_locked(setup: Setup, config, workdir: str, preemption,
+                  changes=()) -> dict:
   if config.init_from and not ckpt_lib.has_checkpoint(workdir):
     # before the tokenizer (or anything else) is taken from that run
     ckpt_lib.check_init_from(config.init_from,
@@ -222,6 +235,8 @@ def _train_locked(setup: Setup, config, workdir: str, preemption) -> dict:
       state, start, origin = initial_state(setup, config, ckpt, data_iter)
       if origin != "initialised":  # later rows of metrics.jsonl restart here
         writer.mark(start, {"resumed_from": start, "origin": origin})
+      if changes:
+        note_config_changes(workdir, start, changes, writer)
       loop = Loop(setup, config, ckpt, writer, data_iter, evals, preemption,
                   tokens_per_step, workdir)
       summary = loop.run(state, start)
@@ -233,6 +248,17 @@ def _train_locked(setup: Setup, config, workdir: str, preemption) -> dict:
   finally:
     writer.close()
     ckpt.close()
+
+
+def note_config_changes(workdir: str, step: int, changes, writer) -> None:
+  """A restart's allowed config changes: train.log, a config_change row in
+  metrics.jsonl, and config_history.jsonl (config.json holds the new ones)."""
+  for field, old, new in changes:
+    logging.info("config change at step %d: %s %r -> %r", step, field, old, new)
+  writer.mark(step, {"config_change": {k: {"old": o, "new": n}
+                                       for k, o, n in changes}})
+  if jax.process_index() == 0:
+    run_identity.record_changes(rundir.RunDir(workdir).path, step, changes)
 
 
 class Loop:
