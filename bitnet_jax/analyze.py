@@ -44,6 +44,8 @@ def define_flags() -> None:
 def main(argv):
   del argv
   cli.require("workdir", "out")
+  from bitnet_jax import rundir
+  rundir.check_output(FLAGS.out)  # summary.json would replace a run's
   if len(FLAGS.workdir) > 2:
     raise app.UsageError("--workdir takes one run or two to compare")
   if FLAGS.config is not None and len(FLAGS.workdir) > 1:

@@ -49,6 +49,8 @@ def define_flags() -> None:
 def main(argv):
   del argv
   cli.require("workdir", "out")
+  from bitnet_jax import rundir
+  rundir.check_output(FLAGS.out)  # before anything loads
   from bitnet_jax.inference import pretrained
   pre = pretrained.load(FLAGS.workdir, step=cli.checkpoint_step())
   if FLAGS.format != "bitnet_jax":

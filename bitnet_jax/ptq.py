@@ -79,6 +79,7 @@ def main(argv):
   cli.require("method", "workdir", "out")
   if storage.same_path(f.out, f.workdir):
     raise app.UsageError("--out must differ from --workdir")
+  rundir.check_output(f.out, own=rundir.PTQ)  # a trained run is never replaced
   if rundir.RunDir(f.out).checkpoints.exists():
     if not f.overwrite:
       raise ConfigError(f"{f.out} already holds a run; pass --overwrite to "

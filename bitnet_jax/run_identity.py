@@ -39,9 +39,26 @@ IDENTITY = (
 # the shapes, which checkpoint.check_init_from names parameter by parameter.
 SHAPES = ("model.vocab_size", "model.d_model", "model.d_ff", "model.num_heads",
           "model.num_kv_heads", "model.num_layers")
+# Mean-centring too: the trainer gives an uncentred run's weights the zero
+# offsets of a centred one (training/centring.py).
 INIT_FROM_IDENTITY = tuple(f for f in IDENTITY if f not in (
-    "quant.act_bits", "quant.a4_start_step", "data.tokenizer") + SHAPES)
+    "quant.act_bits", "quant.a4_start_step", "data.tokenizer",
+    "quant.mean_centre") + SHAPES)
 HISTORY = "config_history.jsonl"
+
+
+def _value(config, dotted: str):
+  """A field as it acts: v2 without a Hadamard is BitNet b1.58 (the Table 5
+  ablation continues the b1.58 run), and only v2 reads quant.hadamard."""
+  if dotted in ("model.variant", "quant.hadamard"):
+    variant, hadamard = _get(config, "model.variant"), _get(config,
+                                                           "quant.hadamard")
+    if variant == "v2" and hadamard == "none":
+      variant = "b1.58"
+    if variant is not None and variant != "v2":
+      hadamard = "none"
+    return variant if dotted == "model.variant" else hadamard
+  return _get(config, dotted)
 
 
 def _get(config, dotted: str):
@@ -74,10 +91,18 @@ def _same(a, b) -> bool:
 
 def identity_changes(saved, config, fields=IDENTITY) -> list[tuple]:
   """(field, saved value, new value) of each identity field that differs; a
-  field the saved config does not have (an older run) is not compared."""
-  return [(f, _get(saved, f), _get(config, f)) for f in fields
-          if _get(saved, f) is not None
-          and not _same(_get(saved, f), _get(config, f))]
+  field the saved config does not have (an older run) is not compared, and
+  variant / Hadamard count as the model they make (_value)."""
+  form = ("model.variant", "quant.hadamard")
+  form_differs = any(not _same(_value(saved, f), _value(config, f))
+                     for f in form)
+  out = []
+  for f in fields:
+    old, new = _get(saved, f), _get(config, f)
+    if old is None or _same(old, new) or (f in form and not form_differs):
+      continue
+    out.append((f, old, new))
+  return out
 
 
 def check_restart(saved, config, workdir: str) -> list[tuple]:

@@ -39,10 +39,52 @@ TENSORBOARD = "tensorboard"
 SUMMARY = "summary.json"
 LOCK = "train.lock"
 EVAL = "eval"
+PTQ = "ptq.json"                       # what `ptq` wrote (its runs only)
 
 
 class NotWritable(UserError, OSError):
   """The workdir cannot be created or written."""
+
+
+class OutputOnRun(UserError, ValueError):
+  """An output directory that is, is inside, or holds a run directory."""
+
+
+def is_run(path) -> bool:
+  """Whether a directory is a bitnet_jax run: its config.json or checkpoints."""
+  p = epath.Path(path)
+  return (p / CONFIG).exists() or (p / CHECKPOINTS).is_dir()
+
+
+def _readable_run(path) -> bool:
+  """is_run, and False where the store cannot be asked (a bucket's root)."""
+  try:
+    return path.exists() and is_run(path)
+  except Exception:  # noqa: BLE001  (gcsfs raises its own HTTP errors)
+    return False
+
+
+def check_output(out: str, flag: str = "--out", own: str = "",
+                 may_hold_runs: bool = False) -> None:
+  """Refuse an output directory that would write into a run: one that is a
+  run, lies inside one, or holds one (two levels down; not checked for a
+  study, whose directory holds its own runs). `own`: the marker file of a
+  run this command itself wrote (ptq.json), which it may replace. Nothing is
+  written before this check."""
+  p = epath.Path(out)
+  for parent in [p, *p.parents]:
+    if _readable_run(parent) and not (
+        own and parent == p and (p / own).exists()):
+      where = "is" if parent == p else f"is inside {os.fspath(parent)}, which is"
+      raise OutputOnRun(f"{flag}={out} {where} a run directory: outputs never "
+                        f"go into a run; choose another {flag}")
+  if p.is_dir() and not may_hold_runs:
+    for child in p.iterdir():
+      if child.is_dir() and (is_run(child) or any(
+          c.is_dir() and is_run(c) for c in child.iterdir())):
+        raise OutputOnRun(f"{flag}={out} holds the run directory "
+                          f"{os.fspath(child)}: outputs never go into or over "
+                          f"a run; choose another {flag}")
 
 
 def migrate(config: dict) -> dict:

@@ -174,7 +174,15 @@ def save_safetensors(tensors: dict, path, metadata: dict | None = None,
     epath.Path(path).write_bytes(data)
     return len(data)
   st.save_file(tensors, os.fspath(path), metadata=metadata)
+  os.chmod(path, default_file_mode())  # safetensors writes 0600
   return os.path.getsize(path)
+
+
+def default_file_mode() -> int:
+  """The mode a new file gets under this process's umask (0644 under 022)."""
+  mask = os.umask(0)
+  os.umask(mask)
+  return 0o666 & ~mask
 
 
 def load_safetensors(path, framework: str = "numpy") -> tuple[dict, dict]:

@@ -57,6 +57,14 @@ def test_init_from_keeps_the_variant_but_may_change_the_bits():
   a4.init_from_any_variant = True
   run_identity.check_init_from(b158, a4, "B")
   run_identity.check_init_from(None, a4, "B")      # no config.json: shapes only
+  # v2 without a Hadamard is b1.58 (the Table 5 ablation continues it), and
+  # a centred v2 may continue an uncentred one (zero offsets are added)
+  ablation = defaults.tiny_config(act_bits=4)
+  ablation.quant.hadamard = "none"
+  run_identity.check_init_from(b158, ablation, "B")
+  centred = defaults.tiny_config(act_bits=4)
+  centred.quant.mean_centre = True
+  run_identity.check_init_from(a8, centred, "A8")
 
 
 @pytest.mark.slow

@@ -255,4 +255,4 @@ def write_run(pre, out: str, cfg: ModelConfig, params, info: dict) -> None:
                          "params": params}, None, force=True)
   writer.wait()
   writer.close()
-  (run / "ptq.json").write_text(json.dumps(info, indent=2))
+  (run / rundir.PTQ).write_text(json.dumps(info, indent=2))

@@ -146,6 +146,8 @@ def main(argv) -> None:
   f = flags.FLAGS
   del argv
   cli.require("data", "out")
+  from bitnet_jax import rundir
+  rundir.check_output(f.out, may_hold_runs=True)  # a study holds its own runs
   settings = study.QUICK if f.quick else study.Settings()
   if f.steps:
     settings = dataclasses.replace(settings, steps=f.steps)

@@ -23,6 +23,8 @@ def main(argv) -> None:
     raise InputError("usage: python -m bitnet_jax.hf import --hf_dir=DIR "
                      "--workdir=RUN")
   cli.require("hf_dir", "workdir")
+  from bitnet_jax import rundir
+  rundir.check_output(FLAGS.workdir, "--workdir")  # a new run, never over one
   from bitnet_jax.hf import importer
   info = importer.import_checkpoint(FLAGS.hf_dir, FLAGS.workdir, FLAGS.seq_len,
                                     FLAGS.to_variant)
