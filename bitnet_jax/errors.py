@@ -34,3 +34,8 @@ class MissingField(UserError, KeyError):
 
 class Diverged(UserError, FloatingPointError):
   """The loss or the parameters became non-finite."""
+
+
+class StorageFault(UserError, OSError):
+  """The run's storage failed under it (full, read-only, permission lost,
+  gone): what was saved is safe, the run stopped."""

@@ -96,17 +96,25 @@ class GrowingFileHandler(logging.Handler):
   def __init__(self, path):
     super().__init__()
     self.file = GrowingFile(path)
+    self.failed: OSError | None = None  # the write that failed (disk full)
 
   def emit(self, record: logging.LogRecord) -> None:
+    if self.failed is not None:
+      return  # one failure is reported (sync raises it), not one per record
     try:
       self.file.write(self.format(record) + "\n")
       if not self.file.remote:
         self.file.flush()
+    except OSError as e:
+      self.failed = e
     except Exception:  # logging must not raise into the caller
       self.handleError(record)
 
   def sync(self, force: bool = False) -> None:
-    """Write the log to a remote store (throttled unless `force`)."""
+    """Write the log to a remote store (throttled unless `force`); raise the
+    write that failed, if one did."""
+    if self.failed is not None:
+      raise self.failed
     if self.file.remote:
       self.file.flush(force)
 

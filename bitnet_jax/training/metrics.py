@@ -209,9 +209,9 @@ def close_log_file() -> None:
     root.removeHandler(old)
     try:
       old.sync(force=True)
+      old.close()
     except Exception as e:  # the store's client raises its own types
       logging.warning("could not write %s: %s", old.file.path, e)
-    old.close()
 
 
 def log_to_file(workdir: str, enabled: bool = True) -> None:

@@ -20,11 +20,11 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 
-from bitnet_jax import rundir, run_identity
+from bitnet_jax import rundir
 from bitnet_jax.data import corpus as corpus_lib
 from bitnet_jax.data import pipeline as data_lib
 from bitnet_jax.data import tokenizer as tokenizer_lib
-from bitnet_jax.errors import ConfigError, MissingInput, UserError
+from bitnet_jax.errors import ConfigError, StorageFault, UserError
 from bitnet_jax.evaluation import activation_stats
 from bitnet_jax.model import Transformer, count_params
 from bitnet_jax.scale import sharding
@@ -35,6 +35,8 @@ from bitnet_jax.training import tracker as tracker_lib
 from bitnet_jax.training.preemption import Preemption
 from bitnet_jax.training import checkpoint as ckpt_lib
 from bitnet_jax.training import environment
+from bitnet_jax.training import faults
+from bitnet_jax.training import restart
 from bitnet_jax.training import metrics as metrics_lib
 from bitnet_jax.training import train_step as step_lib
 from bitnet_jax.training.run_setup import Setup, build
@@ -180,7 +182,7 @@ def train(config, workdir: str, preemption: Preemption | None = None) -> dict:
   rundir.RunDir(workdir).prepare()
   compile_cache.enable(config.train.get("compile_cache_dir",
                                         compile_cache.DEFAULT))
-  changes = check_identity(config, workdir)  # before compiling
+  changes = restart.check_identity(config, workdir)  # before compiling
   setup = build(config)
   lock = workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0)
   lock.acquire()  # before anything is written into the workdir
@@ -190,26 +192,15 @@ def train(config, workdir: str, preemption: Preemption | None = None) -> dict:
     return summary
   except BaseException as e:  # why the run stopped, in train.log too
     logging.error("training stopped: %s: %s", type(e).__name__, e)
+    fault = faults.storage_fault(e)
+    if fault:
+      raise StorageFault(f"{fault}; {faults.last_saved(workdir)}") from None
     raise
   finally:
-    metrics_lib.close_log_file()  # all of it written, even to gs://
-    lock.release()
-
-
-def check_identity(config, workdir: str) -> list[tuple]:
-  """Refuse a restart or an init_from that changes what the run is
-  (run_identity.py); the other fields this restart changes."""
-  run = rundir.RunDir(workdir)
-  if ckpt_lib.has_checkpoint(workdir) and (run / rundir.CONFIG).exists():
-    return run_identity.check_restart(run.read_config(), config, workdir)
-  if config.init_from:
     try:
-      ckpt_lib.resolve_checkpoint(config.init_from)
-    except FileNotFoundError as e:
-      raise MissingInput(f"init_from: {e}") from None
-    run_identity.check_init_from(run_identity.source_config(config.init_from),
-                                 config, config.init_from)
-  return []
+      metrics_lib.close_log_file()  # all of it written, even to gs://
+    finally:
+      lock.release()
 
 
 def _train_locked(setup: Setup, config, workdir: str, preemption,
@@ -236,7 +227,7 @@ def _train_locked(setup: Setup, config, workdir: str, preemption,
       if origin != "initialised":  # later rows of metrics.jsonl restart here
         writer.mark(start, {"resumed_from": start, "origin": origin})
       if changes:
-        note_config_changes(workdir, start, changes, writer)
+        restart.note_config_changes(workdir, start, changes, writer)
       loop = Loop(setup, config, ckpt, writer, data_iter, evals, preemption,
                   tokens_per_step, workdir)
       summary = loop.run(state, start)
@@ -248,17 +239,6 @@ def _train_locked(setup: Setup, config, workdir: str, preemption,
   finally:
     writer.close()
     ckpt.close()
-
-
-def note_config_changes(workdir: str, step: int, changes, writer) -> None:
-  """A restart's allowed config changes: train.log, a config_change row in
-  metrics.jsonl, and config_history.jsonl (config.json holds the new ones)."""
-  for field, old, new in changes:
-    logging.info("config change at step %d: %s %r -> %r", step, field, old, new)
-  writer.mark(step, {"config_change": {k: {"old": o, "new": n}
-                                       for k, o, n in changes}})
-  if jax.process_index() == 0:
-    run_identity.record_changes(rundir.RunDir(workdir).path, step, changes)
 
 
 class Loop:
