@@ -3,7 +3,7 @@ checkpoints compute, checked whenever a run restarts or continues another.
 
 A restart of a workdir that holds checkpoints may change how the run goes on
 (learning rate, steps, logging, data paths, the mesh): each change is allowed,
-logged, and kept in `config_history.jsonl` (one row per restart that changed
+logged, and kept in `config_history.jsonl` (rundir.CONFIG_HISTORY; one row per restart that changed
 something: the step, and each field's old and new value). It may not change
 what the saved weights mean: the identity fields below. A change of one of
 those stops the run with one line naming the field, both values and what to
@@ -21,7 +21,9 @@ from __future__ import annotations
 import json
 import time
 
-from bitnet_jax import storage
+from etils import epath
+
+from bitnet_jax import rundir, storage
 from bitnet_jax.errors import ConfigError
 
 # What the saved weights mean on a restart of the same workdir.
@@ -44,7 +46,6 @@ SHAPES = ("model.vocab_size", "model.d_model", "model.d_ff", "model.num_heads",
 INIT_FROM_IDENTITY = tuple(f for f in IDENTITY if f not in (
     "quant.act_bits", "quant.a4_start_step", "data.tokenizer",
     "quant.mean_centre") + SHAPES)
-HISTORY = "config_history.jsonl"
 
 
 def _value(config, dotted: str):
@@ -141,8 +142,6 @@ def check_init_from(source_config, config, source: str) -> None:
 def source_config(init_from: str):
   """The config.json of the run an init_from path (workdir, its
   checkpoints/ or one step directory) belongs to; None if it has none."""
-  from etils import epath
-  from bitnet_jax import rundir
   p = epath.Path(init_from)
   for candidate in (p, p.parent, p.parent.parent):
     if (candidate / rundir.CONFIG).exists():
@@ -156,6 +155,6 @@ def record_changes(workdir_path, step: int, changes: list[tuple]) -> None:
     return
   row = {"step": int(step), "time": time.time(),
          "changes": {k: {"old": old, "new": new} for k, old, new in changes}}
-  path = workdir_path / HISTORY
+  path = workdir_path / rundir.CONFIG_HISTORY
   text = path.read_text() if path.exists() else ""
   storage.write_atomic(path, text + json.dumps(row, default=str) + "\n")

@@ -14,6 +14,8 @@ ptq.json; `evaluate`, `analyze`, `export`, `generate` and the study read it):
   summary.json         the last session's summary (final_step, preempted, ...)
   train.lock           the lease of the trainer running on it (workdir_lock)
   eval/                evaluate's results, one JSON file per evaluation
+  config_history.jsonl one row per restart that changed the config (what
+                       changed, old and new; run_identity.py)
 
 Loading a run's parameters at a step, with the activation bits that step
 trained with, is `pretrained.load`, built on this module.
@@ -40,6 +42,7 @@ SUMMARY = "summary.json"
 LOCK = "train.lock"
 EVAL = "eval"
 PTQ = "ptq.json"                       # what `ptq` wrote (its runs only)
+CONFIG_HISTORY = "config_history.jsonl"  # a restart's allowed config changes
 
 
 class NotWritable(UserError, OSError):

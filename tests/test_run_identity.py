@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from bitnet_jax import defaults, run_identity
+from bitnet_jax import defaults, rundir, run_identity
 from bitnet_jax.errors import ConfigError
 
 
@@ -94,6 +94,6 @@ def test_a_run_keeps_its_identity(tmp_path, b158_run, corpus_file):
   assert len(change) == 1 and change[0]["step"] == 10
   assert change[0]["config_change"]["opt.lr"]["new"] == 2e-3
   history = [json.loads(l) for l in open(os.path.join(
-      run, run_identity.HISTORY))]
+      run, rundir.CONFIG_HISTORY))]
   assert set(history[0]["changes"]) == {"opt.lr", "train.stop_step"}
   assert json.load(open(os.path.join(run, "config.json")))["opt"]["lr"] == 2e-3

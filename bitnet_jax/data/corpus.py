@@ -120,15 +120,29 @@ def remote_glob(pattern: str) -> list[str]:
                 if f.is_file())
 
 
+# A file is not text when it holds NUL bytes or when more than this share of
+# its characters are not UTF-8 (Latin-1 text with some accents only warns).
+MAX_UNDECODABLE = 0.3
+
+
 def read_text(path: str, warn: bool = True) -> str:
+  """A corpus file as text; a binary file (NUL bytes, or mostly not UTF-8)
+  is an error naming it, a few bad bytes a warning (warn=False: silent)."""
   data = epath.Path(path).read_bytes()
   try:
     return data.decode("utf-8")
   except UnicodeDecodeError as e:
+    text = data.decode("utf-8", "replace")
+    bad = text.count("\ufffd") / max(len(text), 1)
+    if warn and (b"\x00" in data or bad > MAX_UNDECODABLE):
+      raise InputError(f"{path} is not a text file ({100 * bad:.0f}% of its "
+                       "characters are not UTF-8"
+                       + (", and it holds NUL bytes" if b"\x00" in data else "")
+                       + "): remove it from data.paths") from None
     if warn:
       logging.warning("%s is not valid UTF-8 (%s); decoding with replacement "
                       "characters", path, e.reason)
-    return data.decode("utf-8", "replace")
+    return text
 
 
 def stdlib_files() -> list[str]:

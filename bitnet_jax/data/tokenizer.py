@@ -17,6 +17,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 from typing import Callable, Iterable, Sequence
 
 from etils import epath
@@ -110,6 +111,13 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int,
         pad_id=0, unk_id=1, bos_id=2, eos_id=3, num_threads=num_threads,
         hard_vocab_limit=True, minloglevel=2)
   except RuntimeError as e:
+    most = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a "
+                     r"value <= (\d+)", str(e))
+    if most:
+      raise InputError(
+          f"the corpus supports at most {most.group(1)} tokenizer pieces, but "
+          f"model.vocab_size is {vocab_size}: set --config.model.vocab_size="
+          f"{most.group(1)} (or less), or give it more text") from None
     raise InputError(f"training a {vocab_size}-piece tokenizer failed (too "
                      f"little text for that vocabulary?): {e}") from e
   return Tokenizer(buf.getvalue(), source="<trained>")
