@@ -155,6 +155,11 @@ def base_config() -> ml_collections.ConfigDict:
   t.peak_flops = 0.0               # per-device peak FLOP/s for MFU; 0 = look up
   t.require_init_from = False      # refuse to start fresh (a4 continuation configs)
   t.allow_fresh_start = False      # start at step 0 although unreadable steps were set aside
+  t.spike_factor = 3.0             # stop when an update's loss exceeds this times
+                                   # the median of the last spike_window; 0 = off
+  t.spike_window = 50              # updates in that running median
+  t.restore_step = -1              # resume this saved step instead of the latest;
+                                   # newer steps are set aside (renamed), never deleted
   t.preemption_check_every = 10   # multi-process: steps between agreeing on a
                                    # SIGTERM seen by any process (a tiny collective)
   t.wandb_project = ""             # Weights & Biases project ("" = off; needs
@@ -248,6 +253,11 @@ def validate(config) -> None:
       ("train.eval_every", t.eval_every >= 0, "must be >= 0 (0 = end only)"),
       ("train.eval_batches", t.eval_batches >= 0, "must be >= 0"),
       ("train.analysis_every", t.analysis_every >= 0, "must be >= 0"),
+      ("train.spike_factor", t.get("spike_factor", 0.0) == 0
+       or t.get("spike_factor", 0.0) > 1, "must be > 1 (or 0 = off)"),
+      ("train.spike_window", t.get("spike_window", 50) >= 3, "must be >= 3"),
+      ("train.restore_step", t.get("restore_step", -1) >= -1,
+       "must be a saved step (or -1 = the latest)"),
       ("data.batch_size", d.batch_size > 0, "must be > 0"),
       ("data.eval_fraction", 0 <= d.eval_fraction < 1, "must be in [0, 1)"),
       ("data.shuffle_rows", d.shuffle_rows >= 0, "must be >= 0"),

@@ -189,6 +189,29 @@ class Checkpointer:
           "--config.train.allow_fresh_start=true to do so, or repair them")
     return None, None
 
+  def set_aside_after(self, step: int) -> None:
+    """train.restore_step: make `step` the latest by renaming every newer
+    step `<n>.after-restore-<step>` (kept, never deleted). A rerun with the
+    same setting after training went on past it changes nothing (the
+    renamed steps say it was done)."""
+    steps = sorted(self.manager.all_steps())
+    if step not in steps:
+      raise CheckpointError(
+          f"train.restore_step={step}: no such step in {self.directory} "
+          f"(saved: {', '.join(map(str, steps)) or 'none'})")
+    marker = f".after-restore-{step}"
+    if any(p.name.endswith(marker) for p in self.directory.iterdir()):
+      logging.info("train.restore_step=%d was done by an earlier session; "
+                   "resuming the latest step", step)
+      return
+    newer = [s for s in steps if s > step]
+    if jax.process_index() == 0:
+      for s in newer:
+        (self.directory / str(s)).rename(self.directory / f"{s}{marker}")
+    self.manager.reload()
+    logging.warning("train.restore_step=%d: set aside the newer steps %s as "
+                    "<step>%s", step, newer, marker)
+
   def set_aside_steps(self) -> list[str]:
     if not self.directory.exists():
       return []

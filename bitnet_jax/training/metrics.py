@@ -8,9 +8,11 @@ an ETA, excluding the first (compiling) step.
 """
 from __future__ import annotations
 
+import collections
 import json
 import logging
 import math
+import statistics
 import time
 from typing import Mapping
 
@@ -160,10 +162,43 @@ def check_finite(step: int, metrics: Mapping[str, float],
   what = (f"loss {metrics['loss']}, gradient norm {metrics.get('grad_norm')}"
           + ("" if metrics.get("finite", 1.0) else ", parameters not finite"))
   where = (f"the last good checkpoint is step {last_checkpoint} in {ckpt_dir}"
+           f"; resume it with --config.train.restore_step={last_checkpoint}"
            if last_checkpoint is not None else "no checkpoint was written yet")
   raise Diverged(
       f"update {step} is not finite ({what}); stopping without saving it "
-      f"({where}; resume with a lower opt.lr or a longer opt.warmup_steps)")
+      f"({where} and a lower opt.lr or a longer opt.warmup_steps)")
+
+
+class SpikeGuard:
+  """Stops a run whose loss diverges while it is still finite: an update
+  whose loss is more than `factor` times the median of the last `window`
+  updates' losses (judged from the second update on: a run can explode in
+  one update; factor 0: off).
+  Every update's loss passes here before the save of its step, so every
+  saved step came before the spike."""
+  MIN_HISTORY = 1
+
+  def __init__(self, factor: float, window: int):
+    self.factor = factor
+    self.losses: collections.deque = collections.deque(maxlen=window)
+
+  def check(self, step: int, loss: float, last_checkpoint: int | None,
+            ckpt_dir: str) -> None:
+    if self.factor and len(self.losses) >= self.MIN_HISTORY:
+      median = statistics.median(self.losses)
+      if median > 0 and loss > self.factor * median:
+        where = (f"the last step saved before it is {last_checkpoint} in "
+                 f"{ckpt_dir}: resume it with --config.train.restore_step="
+                 f"{last_checkpoint} (newer steps are set aside, not deleted) "
+                 "and a lower opt.lr or a longer opt.warmup_steps"
+                 if last_checkpoint is not None else
+                 "no step was saved before it: restart with a lower opt.lr")
+        raise Diverged(
+            f"update {step}: loss {loss:.4g} is {loss / median:.1f}x the median "
+            f"{median:.4g} of the last {len(self.losses)} updates (over "
+            f"train.spike_factor={self.factor:g}); stopping without saving "
+            f"it ({where})")
+    self.losses.append(loss)
 
 
 _NOISY = ("/orbax/", "/grain/", "/jax/_src/", "/tensorflow_datasets/", "/etils/")

@@ -126,7 +126,10 @@ def load_data(config, workdir):
 
 
 def initial_state(setup: Setup, config, ckpt: ckpt_lib.Checkpointer, data_iter):
-  """Resume this workdir, else continue init_from, else initialise."""
+  """Resume this workdir (train.restore_step: that step, newer ones set
+  aside), else continue init_from, else initialise."""
+  if config.train.get("restore_step", -1) >= 0:
+    ckpt.set_aside_after(config.train.restore_step)
   state, step = ckpt.restore_latest(setup.abstract, data_iter,
                                     config.train.allow_fresh_start)
   if state is not None:
@@ -253,6 +256,8 @@ class Loop:
         tokens_per_step, setup.flops_per_token,
         peak * jax.device_count() if peak else None, setup.stop_step)
     self.last_ckpt = ckpt.latest_step()
+    self.spikes = metrics_lib.SpikeGuard(config.train.get("spike_factor", 0.0),
+                                         config.train.get("spike_window", 50))
     self.window: list[dict] = []
     self.summarizers: dict[int, Any] = {}  # act_bits -> jitted summarizer
     self.summary: dict[str, Any] = {"first_loss": None}
@@ -267,6 +272,8 @@ class Loop:
     m = {k: float(v) for k, v in jax.device_get(metrics).items()}
     metrics_lib.check_finite(step + 1, m, self.last_ckpt,
                              str(self.ckpt.directory))
+    self.spikes.check(step + 1, m["loss"], self.last_ckpt,
+                      str(self.ckpt.directory))
     m.pop("finite", None)
     self.timer.consumed(step)
     if self.summary["first_loss"] is None:
