@@ -72,6 +72,10 @@ def write_json(result: dict, path) -> None:
 def main(argv):
   del argv
   cli.require("workdir")
+  manager = None
+  if FLAGS.tasks:  # an unknown task is an error before anything loads
+    from bitnet_jax.evaluation import harness
+    manager = harness.task_manager(FLAGS.tasks, FLAGS.include_path or None)
   from bitnet_jax.inference import pretrained
   pre = pretrained.load(FLAGS.workdir, step=cli.checkpoint_step(),
                         config=FLAGS.config, **overrides_from_flags(FLAGS))
@@ -81,7 +85,7 @@ def main(argv):
     result = harness.run_tasks(pre, FLAGS.tasks, num_fewshot=FLAGS.num_fewshot,
                                limit=FLAGS.limit or None,
                                include_path=FLAGS.include_path or None,
-                               batch_size=FLAGS.batch_size)
+                               batch_size=FLAGS.batch_size, manager=manager)
     print(result.pop("table"))
     name = "tasks"
   else:

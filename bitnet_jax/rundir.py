@@ -124,6 +124,9 @@ class RunDir:
 
   def prepare(self) -> None:
     """Create the directory and check that it takes a file."""
+    if self.path.exists() and not self.path.is_dir():
+      raise NotWritable(f"workdir {self.path} is a file, not a directory: "
+                        "give a directory (new or a run's)")
     try:
       self.path.mkdir(parents=True, exist_ok=True)
       probe = self.path / f".write_probe_{os.getpid()}"

@@ -22,3 +22,27 @@ def test_a_vocabulary_the_corpus_cannot_fill_names_the_field():
                      r"tokenizer pieces, but model.vocab_size is 4096: set "
                      r"--config.model.vocab_size=\d+"):
     tokenizer.train_tokenizer(docs, 4096)
+
+
+def test_a_file_as_workdir_says_so(tmp_path):
+  from bitnet_jax import rundir
+  blocker = tmp_path / "a_file"
+  blocker.write_text("x")
+  with pytest.raises(rundir.NotWritable, match="is a file, not a directory"):
+    rundir.RunDir(str(blocker)).prepare()
+
+
+def test_an_unknown_task_is_an_error_before_anything_loads(tmp_path):
+  """evaluate --tasks=no_such_task on a workdir that holds no run: the task
+  is reported, not the missing run (it would load first otherwise)."""
+  pytest.importorskip("lm_eval")
+  import subprocess
+  import sys
+  from conftest import ROOT, subprocess_env
+  proc = subprocess.run(
+      [sys.executable, "-m", "bitnet_jax.evaluate", f"--workdir={tmp_path}",
+       "--tasks=no_such_task_xyz"], env=subprocess_env(), capture_output=True,
+      text=True, timeout=300, cwd=ROOT)
+  assert proc.returncode == 1
+  errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
+  assert errors and "unknown lm-eval task" in errors[-1], proc.stderr[-600:]

@@ -108,16 +108,24 @@ class BitNetLM(LM):
     return out
 
 
-def run_tasks(pre, tasks: list[str], num_fewshot: int = 0, limit=None,
-              include_path: str | None = None, batch_size: int = 8) -> dict:
-  """lm_eval.simple_evaluate on a loaded run; unknown task names are an error."""
-  from lm_eval import evaluator, utils
+def task_manager(tasks: list[str], include_path: str | None = None):
+  """lm-eval's TaskManager, after checking that every task exists (before
+  any checkpoint loads); unknown task names are one error line."""
   from lm_eval.tasks import TaskManager
   manager = TaskManager(include_path=include_path)
   unknown = [t for t in tasks if not manager.match_tasks([t])]
   if unknown:
     raise ConfigError(f"unknown lm-eval task(s) {unknown}; list them with "
                      "`lm_eval --tasks list`")
+  return manager
+
+
+def run_tasks(pre, tasks: list[str], num_fewshot: int = 0, limit=None,
+              include_path: str | None = None, batch_size: int = 8,
+              manager=None) -> dict:
+  """lm_eval.simple_evaluate on a loaded run; unknown task names are an error."""
+  from lm_eval import evaluator, utils
+  manager = manager or task_manager(tasks, include_path)
   results = evaluator.simple_evaluate(
       model=BitNetLM(pretrained=pre, batch_size=batch_size), tasks=tasks,
       num_fewshot=num_fewshot, limit=limit, task_manager=manager,
