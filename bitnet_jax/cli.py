@@ -17,6 +17,8 @@ command can be imported side by side.
 from __future__ import annotations
 
 import dataclasses
+import glob
+import os
 import sys
 from typing import Callable, Sequence
 
@@ -29,9 +31,33 @@ FLAGS = flags.FLAGS
 SOURCES = ("heldout", "text", "jsonl", "tfds")
 
 
+flags.DEFINE_bool("verbose", False, "Also show third-party libraries' INFO "
+                  "logs (orbax, grain, absl, ...); they are at WARNING by default.")
+
+
+def local_platforms() -> None:
+  """JAX_PLATFORMS=cpu on a host with no TPU and no NVIDIA GPU (unless the
+  user set it): an installed libtpu then never probes for a TPU, which
+  prints its noise ("Failed to find host bounds", "unexpected worker
+  hostname") on every command. A TPU VM (/dev/accel*, /dev/vfio, TPU_*
+  variables) or a GPU host (/dev/nvidia*) keeps JAX's own choice."""
+  if os.environ.get("JAX_PLATFORMS"):
+    return
+  tpu = (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*") or any(
+      os.environ.get(k) for k in ("TPU_ACCELERATOR_TYPE", "TPU_NAME",
+                                  "TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID")))
+  if not tpu and not glob.glob("/dev/nvidia[0-9]*"):
+    os.environ["JAX_PLATFORMS"] = "cpu"
+
+
 def guarded(main: Callable) -> Callable:
-  """main, with UserError reported as one line and exit status 1."""
+  """main, with UserError reported as one line and exit status 1; the
+  platform chosen and library logs quieted first (--verbose keeps them)."""
   def run_main(argv):
+    local_platforms()
+    if not FLAGS.verbose:
+      from bitnet_jax.training import metrics  # the library-log filter
+      metrics.quiet_library_logs()
     try:
       return main(argv)
     except UserError as e:

@@ -227,6 +227,15 @@ def quiet_library_logs() -> None:
 _FILE_HANDLER: list[storage.GrowingFileHandler] = []
 
 
+def log_file_only(message: str) -> None:
+  """An INFO record for train.log alone (the full config: too long for the
+  console, where the run's summary lines stand)."""
+  record = logging.LogRecord("bitnet_jax", logging.INFO, __file__, 0, message,
+                             None, None)
+  for handler in _FILE_HANDLER:
+    handler.handle(record)
+
+
 def sync_log_file(force: bool = False) -> None:
   """train.log onto a remote store (throttled unless forced; a no-op for a
   local file, which every record is flushed to)."""

@@ -172,9 +172,14 @@ def log_start(setup: Setup, config, workdir: str, tokens_per_step: int) -> None:
                count_params(setup.abstract.params, non_embedding=True) / 1e6,
                setup.flops_per_token, tokens_per_step, setup.num_steps,
                setup.stop_step)
-  logging.info("config:\n%s", config)
+  metrics_lib.log_file_only(f"config:\n{config}")
   if jax.process_index() == 0:
     rundir.RunDir(workdir).write_config(config)
+  logging.info("config: %s (all of it in train.log); lr %g, batch %d x %d, "
+               "variant %s, %d-bit activations", os.fspath(
+                   rundir.RunDir(workdir) / rundir.CONFIG), config.opt.lr,
+               config.data.batch_size, config.model.seq_len,
+               config.model.variant, config.quant.act_bits)
 
 
 def train(config, workdir: str, preemption: Preemption | None = None) -> dict:
