@@ -46,3 +46,17 @@ def test_an_unknown_task_is_an_error_before_anything_loads(tmp_path):
   assert proc.returncode == 1
   errors = [l for l in proc.stderr.splitlines() if l.startswith("error:")]
   assert errors and "unknown lm-eval task" in errors[-1], proc.stderr[-600:]
+
+
+def test_progress_lines_have_rate_and_eta():
+  from bitnet_jax.progress import Progress, format_seconds
+  now = [0.0]
+  p = Progress(100, "windows", "scoring", every_s=10, clock=lambda: now[0])
+  now[0] = 5.0
+  assert p.advance(10) is None            # not 10 s yet
+  now[0] = 20.0
+  assert p.advance(30) == ("scoring: 40 / 100 windows (40%), 2.0 windows/s, "
+                           "ETA 30s")
+  now[0] = 100.0
+  assert p.advance(60) is None            # done: the caller reports it
+  assert format_seconds(4000) == "1h06m" and format_seconds(75) == "1m15s"

@@ -14,6 +14,7 @@ from typing import Sequence
 import numpy as np
 
 from bitnet_jax.errors import ConfigError, InputError
+from bitnet_jax.progress import Progress
 
 
 def window_plan(n: int, window: int, stride: int) -> list[tuple[int, int, int]]:
@@ -48,6 +49,7 @@ def target_logprobs(pre, token_lists: Sequence[Sequence[int]], window: int,
       owners.append((d, first, last))
   out_lp = [np.zeros(max(len(t) - 1, 0), np.float64) for t in token_lists]
   out_greedy = [np.zeros(max(len(t) - 1, 0), bool) for t in token_lists]
+  progress = Progress(len(rows), "windows", "scoring")
   for start in range(0, len(rows), batch_size):
     chunk = rows[start:start + batch_size]
     pad = batch_size - len(chunk)
@@ -58,6 +60,7 @@ def target_logprobs(pre, token_lists: Sequence[Sequence[int]], window: int,
       w = weights[start + i]
       out_lp[d][first - 1:last] = lp[i][w]
       out_greedy[d][first - 1:last] = greedy[i][w]
+    progress.advance(len(chunk))
   return out_lp, out_greedy
 
 
