@@ -39,13 +39,13 @@ def local_platforms() -> None:
   """JAX_PLATFORMS=cpu on a host with no TPU and no NVIDIA GPU (unless the
   user set it): an installed libtpu then never probes for a TPU, which
   prints its noise ("Failed to find host bounds", "unexpected worker
-  hostname") on every command. A TPU VM (/dev/accel*, /dev/vfio, TPU_*
-  variables) or a GPU host (/dev/nvidia*) keeps JAX's own choice."""
+  hostname") on every command. A TPU VM (/dev/accel*, /dev/vfio, the
+  TPU_ACCELERATOR_TYPE variable) or a GPU host (/dev/nvidia*) keeps JAX's
+  own choice."""
   if os.environ.get("JAX_PLATFORMS"):
     return
-  tpu = (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*") or any(
-      os.environ.get(k) for k in ("TPU_ACCELERATOR_TYPE", "TPU_NAME",
-                                  "TPU_WORKER_HOSTNAMES", "TPU_WORKER_ID")))
+  tpu = (glob.glob("/dev/accel*") or glob.glob("/dev/vfio/[0-9]*")
+         or os.environ.get("TPU_ACCELERATOR_TYPE"))
   if not tpu and not glob.glob("/dev/nvidia[0-9]*"):
     os.environ["JAX_PLATFORMS"] = "cpu"
 
@@ -55,7 +55,7 @@ def guarded(main: Callable) -> Callable:
   platform chosen and library logs quieted first (--verbose keeps them)."""
   def run_main(argv):
     local_platforms()
-    if not FLAGS.verbose:
+    if not (FLAGS.is_parsed() and FLAGS.verbose):
       from bitnet_jax.training import metrics  # the library-log filter
       metrics.quiet_library_logs()
     try:
