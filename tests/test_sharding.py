@@ -228,3 +228,19 @@ def test_tensor_parallel_hadamard_moves_no_activation_gather():
     _, compiled = compiled_program(c)
     payload[variant] = hlo_stats.analyze(compiled.as_text(), 8).collective_bytes()
   assert payload["v2"] <= 1.1 * payload["b1.58"], payload
+
+
+def test_gpu_hosts_group_processes_on_one_machine(monkeypatch):
+  """SLURM starts one process per GPU: the data groups of HSDP are the
+  machines (processes sharing a hostname), not the processes."""
+  import types
+  gpus = [types.SimpleNamespace(platform="gpu", process_index=p, id=p)
+          for p in range(4)]
+  monkeypatch.setattr(sharding.jax, "process_count", lambda: 4)
+  monkeypatch.setattr(sharding, "process_hosts", lambda: [0, 0, 1, 1])
+  assert sharding.network_granules(gpus) == [0, 0, 1, 1]
+  m = defaults.base_config().mesh
+  assert sharding.slices(m, gpus) == 2
+  # compile-only topology devices name their host in process_index
+  monkeypatch.setattr(sharding.jax, "process_count", lambda: 1)
+  assert sharding.network_granules(gpus) == [0, 1, 2, 3]

@@ -37,8 +37,33 @@ def network_granules(devices: Sequence[Any]) -> list[int]:
   if platform == "tpu":
     return [getattr(d, "slice_index", 0) for d in devices]
   if platform == "gpu":
-    return [d.process_index for d in devices]
+    if max(d.process_index for d in devices) >= jax.process_count():
+      # compile-only devices of a topology: process_index is the host
+      return [d.process_index for d in devices]
+    hosts = process_hosts()  # one process per GPU (SLURM) shares a host
+    return [hosts[d.process_index] for d in devices]
   return [0] * len(devices)
+
+
+def process_hosts() -> list[int]:
+  """Per process of the run, an index of its machine (processes started one
+  per GPU on one host share it): every process's hostname, all-gathered."""
+  if jax.process_count() == 1:
+    return [0]
+  if _PROCESS_HOSTS:
+    return _PROCESS_HOSTS[0]
+  import socket
+  import zlib
+  from jax.experimental import multihost_utils
+  mine = np.asarray(zlib.crc32(socket.gethostname().encode()), np.int64)
+  names = [int(h) for h in np.asarray(
+      multihost_utils.process_allgather(mine)).reshape(-1)]
+  index = {h: i for i, h in enumerate(dict.fromkeys(names))}
+  _PROCESS_HOSTS.append([index[h] for h in names])  # asked once per run
+  return _PROCESS_HOSTS[0]
+
+
+_PROCESS_HOSTS: list[list[int]] = []
 
 
 def slices(mesh_cfg, devices: Sequence[Any] | None = None) -> int:
@@ -102,11 +127,10 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
                           "slice(s)")
       arr = mesh_utils.create_hybrid_device_mesh(per_slice, (dcn, 1, 1),
                                                  devices)
-    elif platform == "gpu" and found == dcn:  # one host per data group
-      arr = mesh_utils.create_hybrid_device_mesh(
-          per_slice, (dcn, 1, 1), devices, process_is_granule=True)
-    else:  # CPU, or GPU groups of several hosts: consecutive devices
-      devices = sorted(devices, key=lambda d: (d.process_index, d.id))
+    else:  # GPU hosts (NVSwitch: any order within one), CPU: consecutive
+      granule = dict(zip((id(d) for d in devices), network_granules(devices)))
+      devices = sorted(devices, key=lambda d: (granule[id(d)], d.process_index,
+                                               d.id))
       arr = np.asarray(devices).reshape(shape)
     return Mesh(arr, MESH_AXES)
   try:  # topology-aware device order where the backend knows one
