@@ -3,8 +3,9 @@ checkpoints compute, checked whenever a run restarts or continues another.
 
 A restart of a workdir that holds checkpoints may change how the run goes on
 (learning rate, steps, logging, data paths, the mesh): each change is allowed,
-logged, and kept in `config_history.jsonl` (rundir.CONFIG_HISTORY; one row per restart that changed
-something: the step, and each field's old and new value). It may not change
+logged, and kept in `config_history.jsonl` (rundir.CONFIG_HISTORY; one row
+per restart that changed something: the step, and each field's old and new
+value). It may not change
 what the saved weights mean: the identity fields below. A change of one of
 those stops the run with one line naming the field, both values and what to
 do, before anything in the workdir is written.

@@ -46,6 +46,15 @@ def test_restore_step_sets_newer_steps_aside(tmp_path, corpus_file):
   again = trainer.train(small_run_config(corpus_file, **base, **{
       "train.stop_step": 10, "train.restore_step": 4}), run)
   assert again["start_step"] == 8  # done once: the same flag resumes the latest
+  # restoring the latest step sets nothing aside, and is marked done too
+  trainer.train(small_run_config(corpus_file, **base, **{
+      "train.stop_step": 10, "train.restore_step": 10}), run)
+  after = trainer.train(small_run_config(corpus_file, **base, **{
+      "train.stop_step": 12, "train.restore_step": 10}), run)
+  assert after["start_step"] == 10
+  final = trainer.train(small_run_config(corpus_file, **base, **{
+      "train.stop_step": 14, "train.restore_step": 10}), run)
+  assert final["start_step"] == 12 and "12" in os.listdir(ckpts)
   with pytest.raises(Exception, match="restore_step=3: no such step"):
     trainer.train(small_run_config(corpus_file, **base, **{
         "train.stop_step": 12, "train.restore_step": 3}), run)

@@ -192,8 +192,8 @@ class Checkpointer:
   def set_aside_after(self, step: int) -> None:
     """train.restore_step: make `step` the latest by renaming every newer
     step `<n>.after-restore-<step>` (kept, never deleted). A rerun with the
-    same setting after training went on past it changes nothing (the
-    renamed steps say it was done)."""
+    same setting after training went on past it changes nothing (the file
+    `restored.after-restore-<step>` says it was done)."""
     steps = sorted(self.manager.all_steps())
     if step not in steps:
       raise CheckpointError(
@@ -208,6 +208,13 @@ class Checkpointer:
     if jax.process_index() == 0:
       for s in newer:
         (self.directory / str(s)).rename(self.directory / f"{s}{marker}")
+      # the mark that it was done, also when nothing was newer: a later rerun
+      # with the same flag must not set aside the steps trained since
+      (self.directory / f"restored{marker}").write_text(
+          f"steps set aside: {newer}\n")
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils
+      multihost_utils.sync_global_devices("restore_step")
     self.manager.reload()
     logging.warning("train.restore_step=%d: set aside the newer steps %s as "
                     "<step>%s", step, newer, marker)
