@@ -20,6 +20,7 @@ import dataclasses
 import glob
 import os
 import sys
+import traceback
 from typing import Callable, Sequence
 
 from absl import app, flags
@@ -58,12 +59,46 @@ def guarded(main: Callable) -> Callable:
     if not (FLAGS.is_parsed() and FLAGS.verbose):
       from bitnet_jax.training import metrics  # the library-log filter
       metrics.quiet_library_logs()
+      quiet_aftermath()
     try:
       return main(argv)
     except UserError as e:
-      print(f"error: {e}", file=sys.stderr)
+      report(e, verbose=FLAGS.is_parsed() and FLAGS.verbose)
       sys.exit(1)
   return run_main
+
+
+def report(e: UserError, verbose: bool) -> None:
+  """The one `error:` line; with --verbose first the error behind it (a
+  library's whole message and traceback)."""
+  if verbose and e.__cause__ is not None:
+    traceback.print_exception(e.__cause__, file=sys.stderr)
+  print(f"error: {e}", file=sys.stderr, flush=True)
+
+
+def _aftermath(exc_type, exc) -> bool:
+  """An error of an orbax read still pending when a failed restore returned:
+  its event loop closed under it, or its coroutine never collected."""
+  return (exc_type is RuntimeError and "Event loop is closed" in str(exc)) or (
+      "_read_array_index" in "".join(traceback.format_exception(exc))[-2000:])
+
+
+def quiet_aftermath() -> None:
+  """Hooks that drop `_aftermath` errors (TensorStore prints them through
+  sys.excepthook from its own threads, Python through sys.unraisablehook at
+  exit: hundreds of lines after the one that matters); every other error
+  reaches the hook it would have."""
+  except_hook, unraisable_hook = sys.excepthook, sys.unraisablehook
+
+  def excepthook(exc_type, exc, tb):
+    if not _aftermath(exc_type, exc):
+      except_hook(exc_type, exc, tb)
+
+  def unraisablehook(unraisable):
+    if not (_aftermath(unraisable.exc_type, unraisable.exc_value) or
+            "_read_array_index" in repr(unraisable.object)):
+      unraisable_hook(unraisable)
+  sys.excepthook, sys.unraisablehook = excepthook, unraisablehook
 
 
 def run(main: Callable, argv: Sequence[str] | None = None,

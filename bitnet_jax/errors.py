@@ -39,3 +39,15 @@ class Diverged(UserError, FloatingPointError):
 class StorageFault(UserError, OSError):
   """The run's storage failed under it (full, read-only, permission lost,
   gone): what was saved is safe, the run stopped."""
+
+
+def reason(e: BaseException, limit: int = 160) -> str:
+  """A library's error as a short clause for a one-line message: its type
+  and first line, without TensorStore's closing pointer ("See full
+  TensorStore details: <bound method ...>", which names nothing), cut at a
+  word. The command's --verbose prints the whole error."""
+  text = (str(e).strip().splitlines() or [""])[0]
+  text = text.split(" See full TensorStore details")[0].rstrip(". ")
+  if len(text) > limit:
+    text = text[:limit].rsplit(" ", 1)[0] + " ..."
+  return f"{type(e).__name__}: {text}" if text else type(e).__name__

@@ -7,13 +7,18 @@ import logging
 import time
 
 
-class Progress:
-  """progress = Progress(total, "windows"); progress.advance(n) per step."""
+EVERY_S = 10.0  # seconds between two lines
 
-  def __init__(self, total: int, unit: str, what: str = "",
-               every_s: float = 10.0, clock=time.monotonic):
+
+class Progress:
+  """progress = Progress(total, "windows"); progress.advance(n) per step.
+  A total of None (an iterator of unknown length) logs count and rate only."""
+
+  def __init__(self, total: int | None, unit: str, what: str = "",
+               every_s: float | None = None, clock=time.monotonic):
     self.total, self.unit, self.what = total, unit, what
-    self.every_s, self.clock = every_s, clock
+    self.every_s = EVERY_S if every_s is None else every_s
+    self.clock = clock
     self.done = 0
     self.start = self.last = clock()
 
@@ -21,14 +26,19 @@ class Progress:
     """Count n more; returns the line it logged, if it logged one."""
     self.done += n
     now = self.clock()
-    if now - self.last < self.every_s or self.done >= self.total:
+    if now - self.last < self.every_s or (
+        self.total is not None and self.done >= self.total):
       return None
     self.last = now
     rate = self.done / max(now - self.start, 1e-9)
-    left = (self.total - self.done) / rate if rate else float("inf")
-    line = (f"{self.what + ': ' if self.what else ''}{self.done:,} / "
-            f"{self.total:,} {self.unit} ({100 * self.done / self.total:.0f}%), "
-            f"{rate:,.1f} {self.unit}/s, ETA {format_seconds(left)}")
+    what = f"{self.what}: " if self.what else ""
+    if self.total is None:
+      line = f"{what}{self.done:,} {self.unit}, {rate:,.1f} {self.unit}/s"
+    else:
+      left = (self.total - self.done) / rate if rate else float("inf")
+      line = (f"{what}{self.done:,} / {self.total:,} {self.unit} "
+              f"({100 * self.done / self.total:.0f}%), {rate:,.1f} "
+              f"{self.unit}/s, ETA {format_seconds(left)}")
     logging.info("%s", line)
     return line
 

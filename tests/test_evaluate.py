@@ -128,3 +128,58 @@ def test_a_truncated_checkpoint_is_one_line_naming_it(trained_run, tmp_path):
     pretrained.load(str(run))
   message = str(err.value)
   assert f"checkpoints/{step}/state" in message and "\n" not in message
+
+
+# what the CUDA plugin of requirements-gpu-compile.txt prints on a GPU-less host
+PLATFORM_NOISE = ("absl::InitializeLog", "cudart_stub.cc")
+
+
+@pytest.mark.slow
+def test_a_damaged_checkpoint_is_one_line_on_the_command_line(trained_run,
+                                                              tmp_path):
+  """No TensorStore pointer cut mid-word, no traceback of the reads still
+  pending ("Exception ignored in <coroutine ...>", "Event loop is closed"):
+  the error line alone; --verbose would print the reader's error."""
+  from test_checkpoint import damage
+  run = tmp_path / "run"
+  shutil.copytree(trained_run, run)
+  step = pretrained.load(str(run)).step
+  damage(str(run / "checkpoints" / str(step)))
+  proc = subprocess.run(
+      [sys.executable, "-m", "bitnet_jax.evaluate", f"--workdir={run}"],
+      env=subprocess_env(), capture_output=True, text=True, timeout=300)
+  lines = [l for l in proc.stderr.splitlines()
+           if l.strip() and not any(n in l for n in PLATFORM_NOISE)]
+  assert proc.returncode == 1 and len(lines) == 1, proc.stderr[-3000:]
+  assert lines[0].startswith(f"error: {run}/checkpoints/{step}/state: ")
+  assert "--step=" in lines[0] and "bound method" not in lines[0]
+
+
+def test_verbose_prints_the_error_behind_the_line(capsys):
+  from bitnet_jax import cli
+  from bitnet_jax.training.checkpoint import CheckpointError
+  try:
+    try:
+      raise RuntimeError("tensorstore: DATA_LOSS: the whole detail")
+    except RuntimeError as e:
+      raise CheckpointError("the step cannot be read") from e
+  except CheckpointError as e:
+    cli.report(e, verbose=False)
+    quiet = capsys.readouterr().err
+    cli.report(e, verbose=True)
+    verbose = capsys.readouterr().err
+  assert quiet == "error: the step cannot be read\n"
+  assert "DATA_LOSS: the whole detail" in verbose and "Traceback" in verbose
+  assert verbose.endswith(quiet)
+
+
+def test_a_library_reason_is_one_short_clause():
+  from bitnet_jax.errors import reason
+  e = Exception("Encountered error while reading array index: (slice(0, 2, "
+                "1),). See full TensorStore details: <bound method pybind11_"
+                "detail_function_record_v1_system_libstdcpp_gxx_abi_1xxx>\n"
+                "line two")
+  assert reason(e) == ("Exception: Encountered error while reading array "
+                       "index: (slice(0, 2, 1),)")
+  assert reason(ValueError("word " * 100)).endswith("word ...")
+  assert len(reason(ValueError("word " * 100))) < 180

@@ -60,3 +60,42 @@ def test_progress_lines_have_rate_and_eta():
   now[0] = 100.0
   assert p.advance(60) is None            # done: the caller reports it
   assert format_seconds(4000) == "1h06m" and format_seconds(75) == "1m15s"
+
+
+def test_progress_of_an_iterator_of_unknown_length():
+  from bitnet_jax.progress import Progress
+  now = [0.0]
+  p = Progress(None, "documents", "reading", every_s=10, clock=lambda: now[0])
+  now[0] = 20.0
+  assert p.advance(50) == "reading: 50 documents, 2.5 documents/s"
+
+
+def test_long_operations_report_progress(trained_run, caplog, monkeypatch):
+  """Export, analysis figures, PTQ calibration and tokenizer training each
+  log a progress line once they take longer than progress.EVERY_S (0 here)."""
+  import logging
+  import numpy as np
+  from bitnet_jax import progress
+  from bitnet_jax.baselines import rotation_ptq
+  from bitnet_jax.data import tokenizer
+  from bitnet_jax.evaluation import activation_report
+  from bitnet_jax.inference import exported, pretrained
+  from conftest import make_documents
+  monkeypatch.setattr(progress, "EVERY_S", 0.0)
+  caplog.set_level(logging.INFO)
+  pre = pretrained.load(trained_run)
+  exported.inference_params(pre.params, pre.model_cfg)
+  rotation_ptq.mean_loss(lambda r, rows: 1.0, {}, np.zeros((8, 4)), 2)
+  tokenizer.train_tokenizer(make_documents(300, seed=1), 512)
+  stats = {"hist_edges": np.linspace(-1, 1, 5), "hist_counts": np.ones(4),
+           "kurtosis": 3.0, "max_over_mean": 2.0}
+  monkeypatch.setattr(activation_report, "STAGES", ("input",))
+  runs = {"run": {f"layer{i}/o/input": stats for i in range(2)}}
+  monkeypatch.setattr(activation_report.storage, "write_figure",
+                      lambda fig, path: None)
+  activation_report.write_figures("/nonexistent", runs)
+  text = caplog.text
+  for what in ("ternarizing: ", "calibration loss: ", "drawing: ",
+               "reading for the tokenizer: ", "trained the tokenizer on 300 "
+               "documents"):
+    assert what in text, what

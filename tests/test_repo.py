@@ -54,3 +54,21 @@ def test_readme_results_are_the_committed_report():
     if line.startswith("!["):
       target = line.split("(", 1)[1].rstrip(")")
       assert os.path.exists(os.path.join(os.path.dirname(report_path), target))
+
+
+def test_the_fault_table_names_tests_that_exist():
+  """README Reliability: each row's test is a test function of that file."""
+  import re
+  text = open(os.path.join(ROOT, "README.md")).read()
+  section = text.split("## Reliability", 1)[1].split("\n## ", 1)[0]
+  rows = [l for l in section.splitlines() if l.startswith("| ") and "`test_" in l]
+  assert len(rows) >= 20
+  for row in rows:
+    cell = row.rstrip(" |").rsplit("|", 1)[1]
+    names = re.findall(r"`(?:(test_\w+\.py)::)?(test_\w+)`", cell)
+    assert names, row
+    current = None
+    for path, name in names:
+      current = path or current
+      source = open(os.path.join(ROOT, "tests", current)).read()
+      assert f"def {name}(" in source, f"{current}::{name} (README: {row})"

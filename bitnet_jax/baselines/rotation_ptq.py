@@ -17,6 +17,7 @@ import numpy as np
 from bitnet_jax import policy, rundir, sites
 from bitnet_jax import rotations as rotation_lib
 from bitnet_jax.errors import ConfigError
+from bitnet_jax.progress import Progress, format_seconds
 from bitnet_jax.model import ModelConfig, Transformer, param_shapes
 from bitnet_jax.training.train_step import token_nll
 
@@ -144,6 +145,7 @@ def make_loss(cfg: ModelConfig):
 def mean_loss(loss_fn, rotations, rows: np.ndarray, batch: int) -> float:
   """Mean of loss_fn over all rows in batches (the last one padded by reuse)."""
   total, count = 0.0, 0
+  progress = Progress(len(rows), "rows", "calibration loss")
   for start in range(0, len(rows), batch):
     chunk = rows[start:start + batch]
     n = len(chunk)
@@ -152,6 +154,7 @@ def mean_loss(loss_fn, rotations, rows: np.ndarray, batch: int) -> float:
     value = float(loss_fn(rotations, jnp.asarray(chunk)))
     total += value * n
     count += n
+    progress.advance(n)
   return total / count
 
 
@@ -191,8 +194,10 @@ def learn_rotations(cfg: ModelConfig, params, rotations: dict,
     if (i + 1) % log_every == 0 or i + 1 == steps:
       value = float(value)
       history.append((i + 1, value))
-      logging.info("spinquant step %d/%d: batch loss %.4f (%.2f s/step)",
-                   i + 1, steps, value, (time.time() - t0) / (i + 1))
+      per_step = (time.time() - t0) / (i + 1)
+      logging.info("spinquant step %d/%d: batch loss %.4f (%.2f s/step, "
+                   "ETA %s)", i + 1, steps, value, per_step,
+                   format_seconds(per_step * (steps - i - 1)))
   end = mean_loss(loss_on_rows, rotations, rows, batch)
   err = max(orthogonality_error(r) for r in rotations.values())
   logging.info("spinquant: calibration loss %.4f -> %.4f; max ||R^T R - I|| "

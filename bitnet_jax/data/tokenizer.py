@@ -18,6 +18,7 @@ import io
 import logging
 import os
 import re
+import time
 from typing import Callable, Iterable, Sequence
 
 from etils import epath
@@ -25,6 +26,7 @@ import sentencepiece as spm
 
 from bitnet_jax import rundir, storage
 from bitnet_jax.errors import InputError, MissingInput
+from bitnet_jax.progress import Progress, format_seconds
 
 
 class Tokenizer:
@@ -99,11 +101,27 @@ def load(path: str | os.PathLike):
 
 def train_tokenizer(docs: Iterable[str], vocab_size: int,
                     num_threads: int = 2) -> Tokenizer:
-  """Train an exact-round-trip BPE model (ids: pad 0, unk 1, bos 2, eos 3)."""
+  """Train an exact-round-trip BPE model (ids: pad 0, unk 1, bos 2, eos 3).
+  sentencepiece reports nothing while it trains: the documents it reads are
+  counted (with a rate once it takes long), then the time it took."""
   buf = io.BytesIO()
+  total = len(docs) if hasattr(docs, "__len__") else 0
+  progress = Progress(total or None, "documents", "reading for the tokenizer")
+  read = {"docs": 0, "chars": 0}
+
+  def counted():
+    for doc in docs:
+      read["docs"] += 1
+      read["chars"] += len(doc)
+      progress.advance()
+      yield doc
+  start = time.monotonic()
+  logging.info("training a %d-piece tokenizer (sentencepiece BPE, %d "
+               "threads)%s", vocab_size, num_threads,
+               f" on {total:,} documents" if total else "")
   try:
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(docs), model_writer=buf, vocab_size=vocab_size,
+        sentence_iterator=counted(), model_writer=buf, vocab_size=vocab_size,
         model_type="bpe", byte_fallback=True, normalization_rule_name="identity",
         remove_extra_whitespaces=False, add_dummy_prefix=False,
         split_digits=True, allow_whitespace_only_pieces=True,
@@ -120,6 +138,9 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int,
           f"{most.group(1)} (or less), or give it more text") from None
     raise InputError(f"training a {vocab_size}-piece tokenizer failed (too "
                      f"little text for that vocabulary?): {e}") from e
+  logging.info("trained the tokenizer on %s documents (%.1f M characters) "
+               "in %s", f"{read['docs']:,}", read["chars"] / 1e6,
+               format_seconds(time.monotonic() - start))
   return Tokenizer(buf.getvalue(), source="<trained>")
 
 

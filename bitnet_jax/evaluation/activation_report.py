@@ -13,6 +13,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitnet_jax import sites, storage
+from bitnet_jax.progress import Progress
 from bitnet_jax.evaluation import activation_stats
 from bitnet_jax.evaluation.activation_stats import STAGES, make_summarizer
 
@@ -47,7 +48,9 @@ def write_figures(out_dir: str, runs: dict[str, dict]) -> list[str]:
   keys = sorted({k.rsplit("/", 1)[0] for stats in runs.values() for k in stats},
                 key=lambda k: (int(k.split("/")[0][5:]), order.index(k.split("/")[1])))
   written = []
+  progress = Progress(len(keys), "figures", "drawing")
   for key in keys:
+    progress.advance()
     panels = [(label, stage, stats[f"{key}/{stage}"]) for label, stats in runs.items()
               for stage in STAGES if f"{key}/{stage}" in stats]
     rotated = {label for label, stage, _ in panels if stage == "pre_rotation"}

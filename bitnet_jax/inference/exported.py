@@ -14,6 +14,7 @@ import numpy as np
 
 from bitnet_jax import packing, policy
 from bitnet_jax import quant, rundir, sites, storage
+from bitnet_jax.progress import Progress
 from bitnet_jax.errors import ConfigError, InputError, MissingInput
 from bitnet_jax.model import ModelConfig, param_shapes
 from bitnet_jax.rotations import rotate_input_axis
@@ -47,7 +48,10 @@ def inference_params(params, cfg: ModelConfig, weights: str = "packed",
     raise ConfigError("the fp baseline has no ternary weights to export")
   dtype = FLOAT_DTYPES[float_dtype]
   out = {}
-  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+  leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+  progress = Progress(len(leaves), "tensors", "ternarizing")
+  for path, leaf in leaves:
+    progress.advance()
     keys = tuple(p.key for p in path)
     target = out
     for k in keys[:-2]:

@@ -23,7 +23,7 @@ import orbax.checkpoint as ocp
 from bitnet_jax.training import checkpoint as ckpt_lib
 from bitnet_jax import rundir
 from bitnet_jax.data import tokenizer as tokenizer_lib
-from bitnet_jax.errors import ConfigError, MissingInput
+from bitnet_jax.errors import ConfigError, MissingInput, reason
 from bitnet_jax.model import ModelConfig, Transformer, param_shapes
 from bitnet_jax.training.train_step import token_nll
 
@@ -92,18 +92,17 @@ def load(workdir: str, *, step: int | None = None,
   state_dir = directory / str(step) / "state"
 
   def unreadable(e: Exception) -> ckpt_lib.CheckpointError:
-    # TensorStore's messages run to dozens of lines: its first line only
-    detail = (str(e).strip().splitlines() or [repr(e)])[0][:200]
+    # TensorStore's messages run to dozens of lines: --verbose prints them
     return ckpt_lib.CheckpointError(
-        f"{state_dir}: the saved parameters cannot be read "
-        f"({type(e).__name__}: {detail}); the step may be truncated: "
-        "pass --step=<an earlier step>")
+        f"{state_dir}: the saved parameters cannot be read ({reason(e)}); "
+        "the step may be truncated: pass --step=<an earlier step> "
+        "(--verbose: the reader's whole error)")
 
   reader = ckpt_lib.Checkpointer("", read_only=True, directory=str(directory))
   try:
     saved = reader.saved_params(step)  # metadata: may hit a damaged file too
   except Exception as e:
-    raise unreadable(e) from None
+    raise unreadable(e) from e
   finally:
     reader.close()
   ckpt_lib.check_param_shapes(saved, abstract,
@@ -118,7 +117,7 @@ def load(workdir: str, *, step: int | None = None,
             restore_args=jax.tree.map(
                 lambda _: ocp.ArrayRestoreArgs(sharding=device), item)))
   except Exception as e:
-    raise unreadable(e) from None
+    raise unreadable(e) from e
   tokenizer = tokenizer_lib.load(run.tokenizer_path(config))
   pre = Pretrained(config, model_cfg, restored["params"], tokenizer, step,
                    workdir)

@@ -28,6 +28,7 @@ import jax
 import orbax.checkpoint as ocp
 
 from bitnet_jax import rundir
+from bitnet_jax import errors
 from bitnet_jax.errors import ConfigError, MissingInput, UserError
 
 CHECKPOINT_DIR = rundir.CHECKPOINTS
@@ -66,8 +67,7 @@ _TRANSIENT = ("PERMISSION_DENIED", "Permission denied", "UNAVAILABLE",
 
 
 def _first_line(e: Exception) -> str:
-  text = str(e).strip()
-  return (text.splitlines()[0] if text else repr(e))[:300]
+  return errors.reason(e)
 
 
 def _is_transient(e: Exception) -> bool:
@@ -93,9 +93,11 @@ class Checkpointer:
                read_only: bool = False, directory: str | None = None):
     self.directory = epath.Path(directory or epath.Path(workdir) / CHECKPOINT_DIR)
     options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep if keep > 0 else None,
+        max_to_keep=keep if keep > 0 and not read_only else None,
+        save_interval_steps=0 if read_only else 1,  # (orbax warns otherwise)
         enable_async_checkpointing=async_save, read_only=read_only,
-        create=not read_only)
+        create=not read_only,  # a save cut short leaves <step>.orbax-...-tmp:
+        cleanup_tmp_directories=not read_only)  # removed at the next start
     self.manager = ocp.CheckpointManager(
         self.directory, options=options,
         item_handlers={"state": ocp.StandardCheckpointHandler(),
@@ -170,16 +172,15 @@ class Checkpointer:
         if _is_transient(e):
           raise CheckpointError(f"{where} could not be read now ({reason}); "
                                 "nothing was changed: retry when the storage "
-                                "answers") from None
+                                "answers") from e
         if _is_mismatch(e):
           raise CheckpointError(
               f"{where} does not match this config ({reason}); resume with "
               "the settings the run was started with (its config.json: e.g. "
               "opt.grad_clip), or start a new run in another --workdir"
-              ) from None
-        logging.error("%s cannot be restored (%s: %s); setting it aside and "
-                      "trying the previous step", where, type(e).__name__,
-                      reason)
+              ) from e
+        logging.error("%s cannot be restored (%s); setting it aside and "
+                      "trying the previous step", where, reason)
         self._set_aside(step)
     aside = self.set_aside_steps()
     if aside and not allow_fresh_start:

@@ -5,12 +5,15 @@ the step a rerun resumes."""
 from __future__ import annotations
 
 import errno
+import logging
 
+from bitnet_jax import rundir
 from bitnet_jax.errors import UserError
 from bitnet_jax.training import checkpoint as ckpt_lib
 
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,
                   errno.EROFS, errno.EIO, errno.ENOENT, errno.ESTALE)
+TMP_SUFFIX = ".orbax-checkpoint-tmp"  # orbax's name for a step not yet committed
 STORAGE_MESSAGES = ("No space left on device", "Disk quota exceeded",
                     "Permission denied", "Read-only file system")
 
@@ -43,3 +46,17 @@ def last_saved(workdir: str) -> str:
           "the storage is back")
 
 
+
+
+def discard_partial_steps(workdir: str) -> None:
+  """Remove what a save cut short left (`<step>.orbax-checkpoint-tmp*`): it
+  holds the space a full disk needs back, and is never a step a rerun could
+  take. Best effort (the store may be gone); orbax also removes such
+  directories when the next run opens the checkpoints."""
+  directory = rundir.RunDir(workdir).checkpoints
+  try:
+    for partial in directory.glob(f"*{TMP_SUFFIX}*"):
+      partial.rmtree()
+      logging.info("removed %s (a save the fault cut short)", partial)
+  except Exception:  # noqa: BLE001  (nothing more to do: the rerun cleans up)
+    pass

@@ -201,15 +201,31 @@ class SpikeGuard:
     self.losses.append(loss)
 
 
+# warnings that say what the project asked for (a read-only checkpoint reader)
+_EXPECTED = ("Given directory is read only",)
 _NOISY = ("/orbax/", "/grain/", "/jax/_src/", "/tensorflow_datasets/", "/etils/")
 
 
 class _LibraryInfoFilter(logging.Filter):
-  """Drop INFO (and DEBUG) records of chatty libraries; keep their warnings."""
+  """Drop INFO (and DEBUG) records of chatty libraries; keep their warnings.
+  A library's error keeps its first line; its traceback (orbax's background
+  save thread logs one per failed commit) goes to train.log alone: the
+  `error:` line the command ends with says what failed."""
 
   def filter(self, record: logging.LogRecord) -> bool:
-    return record.levelno >= logging.WARNING or not any(
-        part in record.pathname for part in _NOISY)
+    if not any(part in record.pathname for part in _NOISY):
+      return True
+    if record.levelno < logging.WARNING or record.getMessage().startswith(
+        _EXPECTED):
+      return False
+    if record.exc_info:
+      first = record.getMessage().splitlines()[0]
+      log_file_only(f"the traceback of the next line ({record.name}):\n" +
+                    logging.Formatter().formatException(record.exc_info),
+                    record.levelno)
+      record.msg, record.args = first, None
+      record.exc_info = record.exc_text = None
+    return True
 
 
 _FILTER = _LibraryInfoFilter()
@@ -227,10 +243,10 @@ def quiet_library_logs() -> None:
 _FILE_HANDLER: list[storage.GrowingFileHandler] = []
 
 
-def log_file_only(message: str) -> None:
-  """An INFO record for train.log alone (the full config: too long for the
-  console, where the run's summary lines stand)."""
-  record = logging.LogRecord("bitnet_jax", logging.INFO, __file__, 0, message,
+def log_file_only(message: str, level: int = logging.INFO) -> None:
+  """A record for train.log alone (the full config, a library's traceback:
+  too long for the console, where the run's summary lines stand)."""
+  record = logging.LogRecord("bitnet_jax", level, __file__, 0, message,
                              None, None)
   for handler in _FILE_HANDLER:
     handler.handle(record)

@@ -202,6 +202,8 @@ def train(config, workdir: str, preemption: Preemption | None = None) -> dict:
     logging.error("training stopped: %s: %s", type(e).__name__, e)
     fault = faults.storage_fault(e)
     if fault:
+      if jax.process_index() == 0:
+        faults.discard_partial_steps(workdir)
       raise StorageFault(f"{fault}; {faults.last_saved(workdir)}") from None
     raise
   finally:
