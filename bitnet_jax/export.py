@@ -43,7 +43,8 @@ def define_flags() -> None:
   flags.DEFINE_enum("weights", "packed", ["packed", "int8"],
                     "Linear weights: 2-bit packed (4 per byte) or int8 codes.")
   flags.DEFINE_enum("dtype", "bfloat16", list(FLOAT_DTYPES),
-                    "Embedding, head and norms.")
+                    "Embedding, head and norms (hf: and the weight scales; "
+                    "transformers loads the file in this dtype only).")
 
 
 def main(argv):
@@ -55,10 +56,12 @@ def main(argv):
   pre = pretrained.load(FLAGS.workdir, step=cli.checkpoint_step())
   if FLAGS.format != "bitnet_jax":
     from bitnet_jax.hf.exporter import export_hf
-    r = export_hf(pre, FLAGS.out, FLAGS.format)
+    r = export_hf(pre, FLAGS.out, FLAGS.format, FLAGS.dtype)
     print(f"exported step {pre.step} of {FLAGS.workdir} to {FLAGS.out} in the "
-          f"Hugging Face BitNet layout ({r['format']}): {r['tensors']} tensors, "
-          f"{r['bytes'] / 2 ** 20:.2f} MiB, {r['tokenizer']}")
+          f"Hugging Face BitNet layout ({r['format']}, {r['dtype']}): "
+          f"{r['tensors']} tensors, {r['bytes'] / 2 ** 20:.2f} MiB, "
+          f"{r['tokenizer']}; load it with AutoModelForCausalLM."
+          f"from_pretrained(DIR, dtype=torch.{r['dtype']})")
     return
   report = export(pre, FLAGS.out, FLAGS.weights, FLAGS.dtype)
   mib = 1 / 2 ** 20

@@ -429,3 +429,28 @@ def test_bad_checkpoints_are_one_line_naming_the_file(tmp_path, documents):
   expect("has no model.safetensors")
   (hf_dir / "config.json").unlink()
   expect("has no config.json")
+
+
+def test_a_float32_export_holds_our_float32_numbers(tmp_path, b158_run):
+  """--format=hf --dtype=float32 (transformers loads a file only in the dtype
+  it was written in): every float tensor float32 and equal to ours, the
+  scales the absmean of each projection, config.json says float32;
+  hf-bf16 in float32 is refused."""
+  from bitnet_jax.errors import ConfigError
+  from bitnet_jax.hf import exporter, importer
+  from bitnet_jax.inference import pretrained
+  pre = pretrained.load(b158_run)
+  exporter.export_hf(pre, str(tmp_path / "hf"), "hf", "float32")
+  assert json.load(open(tmp_path / "hf" / "config.json"))[
+      "torch_dtype"] == "float32"
+  got = importer.read_tensors(str(tmp_path / "hf"))
+  floats = {k: v for k, v in got.items() if v.dtype != np.uint8}
+  assert floats and all(v.dtype == np.float32 for v in floats.values())
+  np.testing.assert_array_equal(got["model.embed_tokens.weight"],
+                                np.asarray(pre.params["embed"]["embedding"]))
+  o = np.asarray(pre.params["layers"]["attn"]["o"]["kernel"][0], np.float64)
+  np.testing.assert_allclose(
+      got[layout.projection_name(0, "o_proj")[:-len("weight")] +
+          "weight_scale"], [np.abs(o).mean()], rtol=1e-6)
+  with pytest.raises(ConfigError, match="--format=hf --dtype=float32"):
+    exporter.export_hf(pre, str(tmp_path / "x"), "hf-bf16", "float32")

@@ -66,11 +66,14 @@ def convention(request, monkeypatch):
   return request.param
 
 
-def transformers_logits(hf_dir, tokens) -> np.ndarray:
-  model = transformers.BitNetForCausalLM.from_pretrained(
+def transformers_logits(hf_dir, tokens, cast: bool = True) -> np.ndarray:
+  """cast: make every tensor float32 after loading (transformers keeps a
+  pre-quantized bf16 file's float tensors in bf16 under dtype=float32); a
+  float32 file loads in float32 as it is."""
+  model = transformers.AutoModelForCausalLM.from_pretrained(
       str(hf_dir), dtype=torch.float32)
   for t in list(model.parameters()) + list(model.buffers()):
-    if t.is_floating_point():  # unpacked codes and scales arrive as bf16
+    if cast and t.is_floating_point():
       t.data = t.data.float()
   model.eval()
   with torch.no_grad():
@@ -109,21 +112,33 @@ def test_imported_checkpoint_matches_transformers(tmp_path, documents, form,
     assert np.median(err) < 2e-3
 
 
-@pytest.mark.parametrize("fmt", ["hf", "hf-bf16"])
+@pytest.mark.parametrize("fmt", ["hf", "hf-float32", "hf-bf16"])
 def test_exported_run_matches_transformers(tmp_path, b158_run, documents, fmt,
                                           convention):
+  """Loaded as a user loads it: `from_pretrained(DIR, dtype=<the dtype it
+  was exported in>)`, nothing cast after; hf-float32 is `--format=hf
+  --dtype=float32`. The bf16 files are compared in float32 (cast: the
+  arithmetic, not the file, would differ otherwise)."""
   from bitnet_jax.hf import exporter
   from bitnet_jax.inference import pretrained
   pre = pretrained.load(b158_run)
-  exporter.export_hf(pre, str(tmp_path / "hf"), fmt)
+  dtype = "float32" if fmt == "hf-float32" else "bfloat16"
+  fmt = fmt.replace("-float32", "")
+  exporter.export_hf(pre, str(tmp_path / "hf"), fmt, dtype)
+  if dtype == "bfloat16":  # and it loads as written, in bf16
+    model = transformers.AutoModelForCausalLM.from_pretrained(
+        str(tmp_path / "hf"), dtype=torch.bfloat16)
+    with torch.no_grad():
+      assert model(torch.tensor([[1, 2, 3]])).logits.dtype == torch.bfloat16
   tokens = pre.tokenizer.encode(documents[1])[:pre.model_cfg.seq_len]
   if fmt == "hf-bf16":  # the file holds the latents in bf16: so do we here
     pre.params = jax.tree.map(
         lambda x: x.astype(jnp.bfloat16).astype(x.dtype), pre.params)
   ours = our_logits(pre, tokens)
-  err = relative_error(ours, transformers_logits(tmp_path / "hf", tokens))
+  err = relative_error(ours, transformers_logits(
+      tmp_path / "hf", tokens, cast=dtype == "bfloat16"))
   print(f"{fmt} {convention}: median {np.median(err):.2e}, max {err.max():.2e}")
-  if convention == "paper_eps" and fmt == "hf-bf16":
-    assert np.median(err) < 1e-5
+  if convention == "paper_eps" and (fmt == "hf-bf16" or dtype == "float32"):
+    assert np.median(err) < 1e-5  # the same numbers: float rounding only
   else:  # hf: the file's scales, norms, embeddings are bf16 (ours float32)
     assert np.median(err) < 3e-3
