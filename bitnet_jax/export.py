@@ -1,7 +1,8 @@
 """`python -m bitnet_jax.export --workdir=RUN --out=DIR`: a packed inference model.
 
 (`--format=hf` / `hf-bf16` write the Hugging Face BitNet layout instead, for
-b1.58 runs: hf/exporter.py.)
+b1.58 runs: hf/exporter.py; `--format=gguf` one GGUF file for llama.cpp:
+gguf_file/writer.py.)
 
 The trained linear weights become 2-bit ternary codes (four per byte) with
 their per-tensor absmean scales -- exactly the ternary weights the training
@@ -36,10 +37,12 @@ def define_flags() -> None:
   library functions here can be imported next to other CLIs)."""
   cli.define_run_flags("The trained run to export.", config=False)
   flags.DEFINE_string("out", None, "Output directory.")
-  flags.DEFINE_enum("format", "bitnet_jax", ["bitnet_jax", "hf", "hf-bf16"],
+  flags.DEFINE_enum("format", "bitnet_jax",
+                    ["bitnet_jax", "hf", "hf-bf16", "gguf"],
                     "bitnet_jax (this project's integer inference model), hf "
-                    "(transformers' BitNet layout, packed codes) or hf-bf16 "
-                    "(its master weights); hf* for BitNet b1.58 runs only.")
+                    "(transformers' BitNet layout, packed codes), hf-bf16 "
+                    "(its master weights) or gguf (llama.cpp: ternary TQ2_0); "
+                    "hf* and gguf for BitNet b1.58 runs only.")
   flags.DEFINE_enum("weights", "packed", ["packed", "int8"],
                     "Linear weights: 2-bit packed (4 per byte) or int8 codes.")
   flags.DEFINE_enum("dtype", "bfloat16", list(FLOAT_DTYPES),
@@ -54,6 +57,13 @@ def main(argv):
   rundir.check_output(FLAGS.out)  # before anything loads
   from bitnet_jax.inference import pretrained
   pre = pretrained.load(FLAGS.workdir, step=cli.checkpoint_step())
+  if FLAGS.format == "gguf":
+    from bitnet_jax.gguf_file import writer
+    r = writer.write(pre, FLAGS.out)
+    print(f"exported step {pre.step} of {FLAGS.workdir} to {r['file']} "
+          f"(GGUF, llama.cpp's bitnet architecture, {r['type']} ternary "
+          f"weights): {r['tensors']} tensors, {r['bytes'] / 2 ** 20:.2f} MiB")
+    return
   if FLAGS.format != "bitnet_jax":
     from bitnet_jax.hf.exporter import export_hf
     r = export_hf(pre, FLAGS.out, FLAGS.format, FLAGS.dtype)

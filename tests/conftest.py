@@ -155,3 +155,17 @@ def b158_run(tmp_path_factory, corpus_file):
   trainer.train(small_run_config(corpus_file, **{
       "model.variant": "b1.58", "train.stop_step": 10}), workdir)
   return workdir
+
+
+@pytest.fixture(scope="session")
+def gguf_run(tmp_path_factory, corpus_file):
+  """A BitNet b1.58 run llama.cpp can run: tied embedding, d_model and d_ff
+  multiples of 256 (TQ2_0 blocks), 20 steps; returns its workdir."""
+  from bitnet_jax.training import trainer
+  workdir = str(tmp_path_factory.mktemp("run") / "gguf")
+  trainer.train(small_run_config(corpus_file, **{
+      "model.variant": "b1.58", "model.tie_embeddings": True,
+      "model.d_model": 256, "model.d_ff": 512, "model.num_heads": 4,
+      "model.seq_len": 64, "train.num_steps": 20, "train.ckpt_every": 20,
+      "train.log_every": 20}), workdir)
+  return workdir

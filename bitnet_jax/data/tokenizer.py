@@ -64,6 +64,11 @@ class Tokenizer:
     self._proto, self.source, self._sp = state["proto"], state["source"], None
 
   @property
+  def model_proto(self) -> bytes:
+    """The serialized sentencepiece model (its pieces, scores and types)."""
+    return self._proto
+
+  @property
   def vocab_size(self) -> int:
     return self.sp.vocab_size()
 
@@ -116,9 +121,6 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int,
       progress.advance()
       yield doc
   start = time.monotonic()
-  logging.info("training a %d-piece tokenizer (sentencepiece BPE, %d "
-               "threads)%s", vocab_size, num_threads,
-               f" on {total:,} documents" if total else "")
   try:
     spm.SentencePieceTrainer.train(
         sentence_iterator=counted(), model_writer=buf, vocab_size=vocab_size,
