@@ -49,6 +49,8 @@ def local_platforms() -> None:
          or os.environ.get("TPU_ACCELERATOR_TYPE"))
   if not tpu and not glob.glob("/dev/nvidia[0-9]*"):
     os.environ["JAX_PLATFORMS"] = "cpu"
+    if "jax" in sys.modules:  # imported already: it read the variable then
+      sys.modules["jax"].config.update("jax_platforms", "cpu")
 
 
 def guarded(main: Callable) -> Callable:
@@ -105,8 +107,10 @@ def run(main: Callable, argv: Sequence[str] | None = None,
         flags_parser: Callable | None = None) -> None:
   """app.run(main) inside the error boundary (absl's UsageError prints the
   usage line, as absl does)."""
+  from bitnet_jax import config_files
   kwargs = {"flags_parser": flags_parser} if flags_parser else {}
-  app.run(guarded(main), argv=list(argv) if argv else None, **kwargs)
+  app.run(guarded(main), argv=config_files.resolve_argv(argv or sys.argv),
+          **kwargs)
 
 
 def define_run_flags(what: str, *, config: bool = True,

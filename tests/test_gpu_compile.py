@@ -9,7 +9,6 @@ import re
 import numpy as np
 import pytest
 
-from bitnet_jax import defaults
 from bitnet_jax.scale import chips, dry_run, gpu_topology, hlo_stats, hlo_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

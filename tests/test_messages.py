@@ -24,6 +24,15 @@ def test_a_vocabulary_the_corpus_cannot_fill_names_the_field():
     tokenizer.train_tokenizer(docs, 4096)
 
 
+def test_a_vocabulary_below_the_corpus_characters_names_the_field():
+  from bitnet_jax.data import tokenizer
+  from bitnet_jax.errors import InputError
+  docs = ["".join(chr(0x4e00 + i) for i in range(k, k + 40)) for k in range(0, 400, 40)]
+  with pytest.raises(InputError, match=r"more than model.vocab_size=300: set "
+                     r"--config.model.vocab_size=\d+"):
+    tokenizer.train_tokenizer(docs, 300)
+
+
 def test_a_file_as_workdir_says_so(tmp_path):
   from bitnet_jax import rundir
   blocker = tmp_path / "a_file"

@@ -24,8 +24,12 @@ def test_local_platforms_keeps_a_users_choice_and_tpu_hosts(monkeypatch):
   assert "JAX_PLATFORMS" not in os.environ
   monkeypatch.delenv("TPU_ACCELERATOR_TYPE")
   monkeypatch.setattr(cli.glob, "glob", lambda pattern: [])
+  import jax  # imported before the frame ran (export.py does): told too
+  updates = []
+  monkeypatch.setattr(jax.config, "update", lambda *a: updates.append(a))
   cli.local_platforms()
   assert os.environ["JAX_PLATFORMS"] == "cpu"
+  assert updates == [("jax_platforms", "cpu")]
 
 
 @pytest.mark.slow

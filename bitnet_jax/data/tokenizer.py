@@ -133,6 +133,14 @@ def train_tokenizer(docs: Iterable[str], vocab_size: int,
   except RuntimeError as e:
     most = re.search(r"Vocabulary size too high \(\d+\)\. Please set it to a "
                      r"value <= (\d+)", str(e))
+    least = re.search(r"Vocabulary size is smaller than required_chars\. "
+                      r"\d+ vs (\d+)", str(e))
+    if least:
+      raise InputError(
+          f"the corpus has {least.group(1)} distinct characters and "
+          "special pieces, more than model.vocab_size="
+          f"{vocab_size}: set --config.model.vocab_size={least.group(1)} "
+          "(or more)") from None
     if most:
       raise InputError(
           f"the corpus supports at most {most.group(1)} tokenizer pieces, but "

@@ -36,7 +36,7 @@ import jax.numpy as jnp
 
 from bitnet_jax.scale import chips as chips_lib
 from bitnet_jax.scale import gpu_topology
-from bitnet_jax.scale import hlo_stats, hlo_text, sharding
+from bitnet_jax.scale import hlo_flops, hlo_stats, hlo_text, sharding
 from bitnet_jax.errors import ConfigError
 from bitnet_jax.model import count_params
 
@@ -161,7 +161,7 @@ def roofline(stats: hlo_stats.ProgramStats, chip: chips_lib.Chip) -> dict:
   the chip's inter-host bandwidth, where it has one); the step is the
   larger of the two (collectives overlap the ops)."""
   def rate(dtype: str) -> float:
-    if dtype in hlo_stats.INT_DTYPES:
+    if dtype in hlo_flops.INT_DTYPES:
       return chip.int8_ops
     return chip.f32_rate if dtype == "f32" else chip.bf16_flops
 

@@ -45,8 +45,8 @@ def load_config(size: str):
   """A paper config as a user runs it (quant.train_matmul=auto: int8
   training matmuls on TPU)."""
   import importlib.util
-  path = os.path.join(os.path.dirname(__file__), "..", "..", "configs",
-                      f"bitnet_v2_{size}.py")
+  from bitnet_jax import config_files
+  path = config_files.resolve(f"configs/bitnet_v2_{size}.py")
   spec = importlib.util.spec_from_file_location(f"bitnet_v2_{size}", path)
   module = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(module)

@@ -41,7 +41,7 @@ import math
 import re
 from typing import Iterable
 
-from bitnet_jax.scale.hlo_flops import (F32_DEFAULT, INT_DTYPES, conv_flops,
+from bitnet_jax.scale.hlo_flops import (F32_DEFAULT, conv_flops,
                                         custom_call_flops, dot_flops)
 from bitnet_jax.scale.hlo_text import (ARRAY_RE, COLLECTIVES, DTYPE_BYTES, FREE_OPS,
                                  NAME_RE, Instruction, arrays, group_size,

@@ -203,7 +203,8 @@ class SpikeGuard:
 
 # warnings that say what the project asked for (a read-only checkpoint reader)
 _EXPECTED = ("Given directory is read only",)
-_NOISY = ("/orbax/", "/grain/", "/jax/_src/", "/tensorflow_datasets/", "/etils/")
+_NOISY = ("/orbax/", "/grain/", "/jax/_src/", "/tensorflow_datasets/", "/etils/",
+          "/gguf/")
 
 
 class _LibraryInfoFilter(logging.Filter):
