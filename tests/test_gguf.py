@@ -108,3 +108,46 @@ def test_what_llama_cpp_would_compute_differently_is_refused(
   pre = pretrained.load(gguf_run)
   with pytest.raises(ConfigError, match=message):
     writer.check_exportable(pre.model_cfg.replace(**change), pre.tokenizer)
+
+
+def byte_level_run(gguf_run, tmp_path, vocab=320):
+  """gguf_run with its sentencepiece model replaced by a byte-level BPE
+  tokenizer.json (GPT-2's split) of at most `vocab` ids: the ids mean other
+  text now, which a file's round trip does not care about."""
+  import shutil
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+  from conftest import make_documents
+  run = tmp_path / "bpe_run"
+  shutil.copytree(gguf_run, run)
+  (run / "tokenizer.model").unlink()
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(make_documents(200, seed=5), trainers.BpeTrainer(
+      vocab_size=vocab - 10, special_tokens=["<|begin_of_text|>",
+                                             "<|end_of_text|>"],
+      initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.save(str(run / "tokenizer.json"))
+  return str(run)
+
+
+def test_a_tokenizer_json_run_gets_llama_cpp_bpe_metadata(gguf_run, tmp_path):
+  import json
+  pre = pretrained.load(byte_level_run(gguf_run, tmp_path))
+  writer.write(pre, str(tmp_path / "out"))
+  r = gguf.GGUFReader(str(tmp_path / "out" / writer.FILE))
+  meta = {f.name: f.contents() for f in r.fields.values()}
+  assert meta["tokenizer.ggml.model"] == "gpt2"
+  assert meta["tokenizer.ggml.pre"] == "gpt-2"
+  spec = json.loads(pre.tokenizer.json_text)
+  vocab = spec["model"]["vocab"]
+  tokens = meta["tokenizer.ggml.tokens"]
+  assert len(tokens) == pre.model_cfg.vocab_size
+  assert all(tokens[i] == piece for piece, i in vocab.items())
+  assert meta["tokenizer.ggml.token_type"][pre.tokenizer.bos_id] == 3
+  assert meta["tokenizer.ggml.merges"] == [
+      m if isinstance(m, str) else " ".join(m) for m in spec["model"]["merges"]]
+  other = json.loads(pre.tokenizer.json_text)
+  other["pre_tokenizer"] = {"type": "Whitespace"}
+  with pytest.raises(ValueError, match="not GPT-2's byte-level split"):
+    layout.bpe_vocab(json.dumps(other), pre.model_cfg.vocab_size)

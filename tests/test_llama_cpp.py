@@ -25,3 +25,16 @@ def test_llama_cpp_runs_the_export_as_we_do(gguf_run, tmp_path):
       docs[0])
   out = llm.create_completion(docs[0][:40], max_tokens=8, temperature=0)
   assert out["usage"]["completion_tokens"] > 0
+
+
+def test_llama_cpp_tokenizes_a_tokenizer_json_run_as_we_do(gguf_run, tmp_path):
+  import llama_cpp
+  from test_gguf import byte_level_run
+  pre = pretrained.load(byte_level_run(gguf_run, tmp_path))
+  path = writer.write(pre, str(tmp_path / "gguf"))["file"]
+  docs, _ = perplexity.corpus_documents(pre, perplexity.Documents())
+  llm = llama_cpp.Llama(model_path=path, n_ctx=64, verbose=False)
+  for doc in docs[:10]:
+    assert llm.tokenize(doc.encode(), add_bos=False) == pre.tokenizer.encode(doc)
+  r = gguf_check.compare(pre, path, docs[:5])
+  assert abs(r["ppl_ratio"] - 1) < 0.02

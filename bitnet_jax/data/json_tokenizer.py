@@ -74,6 +74,11 @@ class JsonTokenizer:
     self.__init__(state["text"], state["source"])
 
   @property
+  def json_text(self) -> str:
+    """The tokenizer.json itself (its model, merges and added tokens)."""
+    return self._text
+
+  @property
   def vocab_size(self) -> int:
     return self.tok.get_vocab_size(with_added_tokens=True)
 

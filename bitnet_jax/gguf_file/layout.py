@@ -101,3 +101,35 @@ def sentencepiece_vocab(model_proto: bytes, size: int
     scores.append(-1000.0)
     types.append(5)
   return pieces, scores, types
+
+
+def bpe_vocab(tokenizer_json: str, size: int
+              ) -> tuple[list[str], list[int], list[str], str]:
+  """(tokens, token types, merges, llama.cpp pre-tokenizer name) of a
+  tokenizer.json byte-level BPE, padded to `size` entries. Only GPT-2's
+  byte-level split (`ByteLevel` with its regex, no prefix space) is mapped,
+  to llama.cpp's "gpt-2"; any other pre-tokenizer raises ValueError naming
+  it. Special added tokens are control tokens (3), other added ones
+  user-defined (4)."""
+  import json
+  spec = json.loads(tokenizer_json)
+  model = spec.get("model") or {}
+  if model.get("type") != "BPE":
+    raise ValueError(f"its model is {model.get('type')!r}, not BPE")
+  pre = spec.get("pre_tokenizer") or {}
+  if not (pre.get("type") == "ByteLevel" and pre.get("use_regex", True)
+          and not pre.get("add_prefix_space", False)):
+    raise ValueError(f"its pre-tokenizer ({pre.get('type')!r}) is not GPT-2's "
+                     "byte-level split, the one mapped to llama.cpp's gpt-2")
+  entries = {int(i): (piece, 1) for piece, i in model["vocab"].items()}
+  for t in spec.get("added_tokens", []):
+    entries[int(t["id"])] = (t["content"], 3 if t.get("special") else 4)
+  n = max(entries) + 1
+  if n > size:
+    raise ValueError(f"the tokenizer has {n} ids, more than the model's "
+                     f"{size} embedding rows")
+  tokens = [entries.get(i, (f"[PAD{i}]", 5))[0] for i in range(size)]
+  types = [entries.get(i, (None, 5))[1] for i in range(size)]
+  merges = [m if isinstance(m, str) else " ".join(m)
+            for m in model.get("merges", [])]
+  return tokens, types, merges, "gpt-2"

@@ -9,7 +9,9 @@ blocks. Exported only what llama.cpp's BitNet graph computes as we do
 with 8-bit activations, a SiLU-gated FFN (its graph hard-codes SiLU; a
 squared-ReLU run, as the 2B4T, would run with SiLU there), a tied embedding
 (its head is the token embedding) and every projection's input a multiple
-of 256 values (TQ2_0 blocks). Everything else is refused with one line.
+of 256 values (TQ2_0 blocks); a sentencepiece vocabulary, or a
+tokenizer.json byte-level BPE with GPT-2's split. Everything else is refused
+with one line.
 
 What still differs: llama.cpp quantizes a TQ2_0 matmul's input to 8 bits
 per block of 256 values (its Q8_K), we per token (Eq. 5's absmax over the
@@ -52,9 +54,11 @@ def check_exportable(cfg, tokenizer) -> None:
   elif cfg.d_model % layout.BLOCK or cfg.d_ff % layout.BLOCK:
     why = (f"d_model {cfg.d_model} and d_ff {cfg.d_ff} must be multiples of "
            f"{layout.BLOCK} (llama.cpp's ternary TQ2_0 blocks)")
-  elif not hasattr(tokenizer, "sp"):
-    why = ("its tokenizer is a tokenizer.json; the GGUF export writes "
-           "sentencepiece vocabularies")
+  elif not hasattr(tokenizer, "sp"):  # a tokenizer.json
+    try:
+      layout.bpe_vocab(tokenizer.json_text, cfg.vocab_size)
+    except ValueError as e:
+      why = f"its tokenizer.json cannot be written for llama.cpp: {e}"
   if why:
     raise ConfigError(f"this run cannot be exported to GGUF: {why}")
 
@@ -76,7 +80,9 @@ def write(pre, out_dir: str, name: str = "") -> dict:
   """Write DIR/model.gguf: metadata, vocabulary and tensors."""
   cfg = pre.model_cfg
   check_exportable(cfg, pre.tokenizer)
-  vocab = layout.sentencepiece_vocab(pre.tokenizer.model_proto, cfg.vocab_size)
+  vocab = (layout.sentencepiece_vocab(pre.tokenizer.model_proto, cfg.vocab_size)
+           if hasattr(pre.tokenizer, "sp") else
+           layout.bpe_vocab(pre.tokenizer.json_text, cfg.vocab_size))
   out = storage.makedirs(out_dir)
   flat = tensors(pre.params, cfg)
   if storage.is_remote(out):  # the writer wants a local file: then copied
@@ -92,7 +98,6 @@ def write(pre, out_dir: str, name: str = "") -> dict:
 def _write_file(path: str, pre, flat: dict, name: str, vocab) -> int:
   import gguf
   cfg, tok = pre.model_cfg, pre.tokenizer
-  pieces, scores, types = vocab
   w = gguf.GGUFWriter(path, layout.ARCH)
   w.add_name(name or "bitnet_jax b1.58")
   w.add_context_length(cfg.seq_len)
@@ -108,18 +113,27 @@ def _write_file(path: str, pre, flat: dict, name: str, vocab) -> int:
   w.add_file_type(gguf.LlamaFileType.MOSTLY_TQ2_0)
   w.add_quantization_version(gguf.GGML_QUANT_VERSION)
   w.add_string("bitnet_jax.step", str(pre.step))
-  w.add_tokenizer_model("llama")  # sentencepiece: llama.cpp's SPM
-  w.add_token_list(pieces)
-  w.add_token_scores(scores)
-  w.add_token_types(types)
+  if hasattr(tok, "sp"):  # sentencepiece: llama.cpp's SPM
+    pieces, scores, types = vocab
+    w.add_tokenizer_model("llama")
+    w.add_token_list(pieces)
+    w.add_token_scores(scores)
+    w.add_token_types(types)
+    w.add_unk_token_id(tok.sp.unk_id())
+    w.add_add_space_prefix(False)  # trained with add_dummy_prefix=False
+  else:  # a tokenizer.json byte-level BPE: llama.cpp's BPE
+    tokens, types, merges, pre_name = vocab
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(pre_name)
+    w.add_token_list(tokens)
+    w.add_token_types(types)
+    w.add_token_merges(merges)
   w.add_bos_token_id(tok.bos_id)
   w.add_eos_token_id(tok.eos_id)
-  w.add_unk_token_id(tok.sp.unk_id())
   if tok.pad_id >= 0:
     w.add_pad_token_id(tok.pad_id)
   w.add_add_bos_token(True)   # documents start with BOS (perplexity.py)
   w.add_add_eos_token(False)
-  w.add_add_space_prefix(False)  # trained with add_dummy_prefix=False
   for tensor_name, (array, qtype) in flat.items():
     w.add_tensor(tensor_name, array, raw_dtype=qtype)
   w.write_header_to_file()
