@@ -131,41 +131,58 @@ def small_run_config(corpus_file, **overrides):
   return c
 
 
+def shared(tmp_path_factory, name: str, make):
+  """`make(path)` once per test session, by whichever xdist worker asks
+  first; the other waits on a lock and reuses it (every worker training the
+  same fixture runs cost the suite about a minute). Fixture runs are read,
+  or copied before a test changes them."""
+  import filelock
+  base = tmp_path_factory.getbasetemp()
+  root = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared"
+  root.mkdir(exist_ok=True)
+  path, done = root / name, root / f"{name}.done"
+  with filelock.FileLock(str(root / f"{name}.lock")):
+    if not done.exists():
+      if path.is_dir():  # a half-made one from a failed try
+        shutil.rmtree(path)
+      make(path)
+      done.write_text("ok")
+  return path
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory):
-  path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
-  path.write_text("\n\n".join(make_documents(400, seed=3)))
-  return str(path)
+  return str(shared(tmp_path_factory, "corpus.txt", lambda p: p.write_text(
+      "\n\n".join(make_documents(400, seed=3)))))
+
+
+def shared_run(tmp_path_factory, name: str, config) -> str:
+  from bitnet_jax.training import trainer
+  return str(shared(tmp_path_factory, name,
+                    lambda p: trainer.train(config, str(p))))
 
 
 @pytest.fixture(scope="session")
 def trained_run(tmp_path_factory, corpus_file):
   """A small v2 (a8) run trained for 24 steps; returns its workdir."""
-  from bitnet_jax.training import trainer
-  workdir = str(tmp_path_factory.mktemp("run") / "v2")
-  trainer.train(small_run_config(corpus_file, **{"train.stop_step": 24}), workdir)
-  return workdir
+  return shared_run(tmp_path_factory, "v2", small_run_config(
+      corpus_file, **{"train.stop_step": 24}))
 
 
 @pytest.fixture(scope="session")
 def b158_run(tmp_path_factory, corpus_file):
   """A small BitNet b1.58 (a8) run trained for 10 steps; returns its workdir."""
-  from bitnet_jax.training import trainer
-  workdir = str(tmp_path_factory.mktemp("run") / "b158")
-  trainer.train(small_run_config(corpus_file, **{
-      "model.variant": "b1.58", "train.stop_step": 10}), workdir)
-  return workdir
+  return shared_run(tmp_path_factory, "b158", small_run_config(corpus_file, **{
+      "model.variant": "b1.58", "train.stop_step": 10}))
 
 
 @pytest.fixture(scope="session")
 def gguf_run(tmp_path_factory, corpus_file):
   """A BitNet b1.58 run llama.cpp can run: tied embedding, d_model and d_ff
   multiples of 256 (TQ2_0 blocks), 20 steps; returns its workdir."""
-  from bitnet_jax.training import trainer
-  workdir = str(tmp_path_factory.mktemp("run") / "gguf")
-  trainer.train(small_run_config(corpus_file, **{
+  return shared_run(tmp_path_factory, "gguf", small_run_config(corpus_file, **{
       "model.variant": "b1.58", "model.tie_embeddings": True,
       "model.d_model": 256, "model.d_ff": 512, "model.num_heads": 4,
+      "model.num_layers": 1,
       "model.seq_len": 64, "train.num_steps": 20, "train.ckpt_every": 20,
-      "train.log_every": 20}), workdir)
-  return workdir
+      "train.log_every": 20}))
