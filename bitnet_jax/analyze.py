@@ -22,6 +22,7 @@ from __future__ import annotations
 from absl import app, flags
 
 from bitnet_jax import cli
+from bitnet_jax.evaluation import document_flags
 from bitnet_jax.evaluation.activation_report import analyze
 
 
@@ -36,7 +37,7 @@ def define_flags() -> None:
                        several=True)
   flags.DEFINE_string("out", None, "Output directory for summary.json and PNGs.")
   flags.DEFINE_integer("num_seqs", 8, "Sequences of the model's context to run.")
-  cli.define_document_flags(sources=("heldout", "text", "jsonl"),
+  document_flags.define_document_flags(sources=("heldout", "text", "jsonl"),
                             default_split="eval", tfds=False, max_docs=False)
   flags.DEFINE_bool("figures", True, "Write PNG histograms.")
 
@@ -55,7 +56,7 @@ def main(argv):
   pres = [pretrained.load(w, step=cli.checkpoint_step(),
                           config=FLAGS.config if i == 0 else None)
           for i, w in enumerate(FLAGS.workdir)]
-  docs, desc = perplexity.corpus_documents(pres[0], cli.documents())
+  docs, desc = perplexity.corpus_documents(pres[0], document_flags.documents())
   result = analyze(pres, docs, FLAGS.out, FLAGS.num_seqs, FLAGS.figures, desc)
   for label, stats in result["runs"].items():
     print(label)

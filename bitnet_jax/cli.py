@@ -16,7 +16,6 @@ command can be imported side by side.
 """
 from __future__ import annotations
 
-import dataclasses
 import glob
 import os
 import sys
@@ -29,7 +28,6 @@ from ml_collections import config_flags
 from bitnet_jax.errors import UserError
 
 FLAGS = flags.FLAGS
-SOURCES = ("heldout", "text", "jsonl", "tfds")
 
 
 flags.DEFINE_bool("verbose", False, "Also show third-party libraries' INFO "
@@ -59,8 +57,8 @@ def guarded(main: Callable) -> Callable:
   def run_main(argv):
     local_platforms()
     if not (FLAGS.is_parsed() and FLAGS.verbose):
-      from bitnet_jax.training import metrics  # the library-log filter
-      metrics.quiet_library_logs()
+      from bitnet_jax import logs  # the library-log filter
+      logs.quiet_library_logs()
       quiet_aftermath()
     try:
       return main(argv)
@@ -140,36 +138,3 @@ def require(*names: str) -> None:
                          (" is" if len(missing) == 1 else " are") + " required")
 
 
-def define_document_flags(prefix: str = "", *, sources=SOURCES,
-                          default_split: str = "", split_help: str = "",
-                          tfds: bool = True, max_docs: bool = True) -> None:
-  """The document selection of `perplexity.Documents`, as --<prefix>source,
-  --<prefix>split, --<prefix>paths, ..."""
-  p = prefix
-  flags.DEFINE_enum(p + "source", sources[0], list(sources),
-                    "heldout: the run's own data config; or other files / TFDS.")
-  flags.DEFINE_string(p + "split", default_split, split_help or
-                      "text/jsonl: all (default), eval or train (the run's "
-                      "hash split); heldout: eval (default) or train; tfds: "
-                      "the split name.")
-  flags.DEFINE_string(p + "paths", "", "text/jsonl files or globs.")
-  flags.DEFINE_string(p + "text_field", "text", "jsonl/tfds text field.")
-  flags.DEFINE_enum(p + "doc_split", "blank_line", ["blank_line", "file"],
-                    "text: documents split at blank lines or one per file.")
-  if tfds:
-    flags.DEFINE_string(p + "tfds_name", "", "tfds dataset name.")
-    flags.DEFINE_string(p + "tfds_data_dir", "", "tfds data_dir.")
-  if max_docs:
-    flags.DEFINE_integer(p + "max_docs", 0, "Read at most this many "
-                         "documents (0: all).")
-
-
-def documents(prefix: str = ""):
-  """The `perplexity.Documents` the document flags under `prefix` select."""
-  from bitnet_jax.evaluation.perplexity import Documents
-  values = {}
-  for field in dataclasses.fields(Documents):
-    name = prefix + field.name
-    if name in FLAGS:
-      values[field.name] = FLAGS[name].value
-  return Documents(**values)

@@ -127,7 +127,7 @@ def base_config() -> ml_collections.ConfigDict:
                                    # sizes above are then per slice or host;
                                    # -1 = as many as the devices span (multi-
                                    # host GPU: HSDP, FSDP within a host)
-  # logical axis -> mesh axes (see bitnet_jax/scale/sharding.py); unlisted names
+  # logical axis -> mesh axes (see bitnet_jax/training/sharding.py); unlisted names
   # (layers, head_dim, activation_embed, activation_length) are replicated
   mesh.rules = (
       ("activation_batch", ("data", "fsdp")),
@@ -275,7 +275,3 @@ def validate(config) -> None:
     raise ConfigError(f"quant.a4_start_step {q.a4_start_step} is not inside the "
                      f"run (it stops at step {stop}): it would never switch")
 
-
-def a4_start_step(num_steps: int) -> int:
-  """First step of the paper's 4-bit phase (the last 5% of tokens)."""
-  return round(num_steps * (1.0 - PAPER_A4_FRACTION))

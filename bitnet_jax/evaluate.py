@@ -34,6 +34,7 @@ from absl import flags
 from etils import epath
 
 from bitnet_jax import cli
+from bitnet_jax.evaluation import document_flags
 from bitnet_jax import rundir
 from bitnet_jax.evaluation.perplexity import corpus_documents, perplexity
 
@@ -44,7 +45,7 @@ def define_flags() -> None:
   """The CLI's flags (defined only when run as a program, so that the
   library functions here can be imported next to other CLIs)."""
   cli.define_run_flags("The run to evaluate.")
-  cli.define_document_flags()
+  document_flags.define_document_flags()
   flags.DEFINE_integer("window", 0, "Inputs per window (0: the model's context).")
   flags.DEFINE_integer("stride", 0, "Tokens between window starts (0: window).")
   flags.DEFINE_integer("batch_size", 8, "Windows per forward pass.")
@@ -89,7 +90,7 @@ def main(argv):
     print(result.pop("table"))
     name = "tasks"
   else:
-    docs, desc = corpus_documents(pre, cli.documents())
+    docs, desc = corpus_documents(pre, document_flags.documents())
     result = perplexity(pre, docs, FLAGS.window, FLAGS.stride, FLAGS.batch_size)
     result["data"] = desc
     print(f"step {pre.step}: nll {result['nll']:.4f}, perplexity "

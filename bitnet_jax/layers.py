@@ -39,7 +39,7 @@ from bitnet_jax import rotations
 from bitnet_jax import ternary_matmul
 from bitnet_jax.model_config import TRAIN_MATMULS, WEIGHT_FORMS
 from bitnet_jax.rotations import ROTATIONS, contract
-from bitnet_jax.scale import sharding
+from bitnet_jax import partitioning
 
 
 @dataclasses.dataclass(frozen=True)
@@ -218,7 +218,7 @@ class BitLinear(nn.Module):
                quantizers.quantize_activations(x, cfg.act_bits))
       y = ternary_matmul.ste_integer_matmul(
           x, w, cfg.act_bits, groups, self.dtype,
-          sharding.matmul_layouts(self.kernel_axes))
+          partitioning.matmul_layouts(self.kernel_axes))
       if mu is not None:
         y = y + contract(mu.astype(self.dtype), quantizers.quantize_weights_ternary(
             w, groups).astype(self.dtype))

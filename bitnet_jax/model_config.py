@@ -23,7 +23,7 @@ HADAMARD = ("none", "activation", "weight_and_activation")
 PTQ_ROTATIONS = ("none", "random_hadamard", "learned")
 WEIGHT_FORMS = ("latent", "int8", "packed")
 TRAIN_MATMULS = ("float", "int8")   # how latent weights multiply in training
-# quant.train_matmul='auto' by backend, from measurements (README, "Integer
+# quant.train_matmul='auto' by backend, from measurements (docs/scale.md, "Integer
 # matmuls in training"): int8 on TPU (compiled estimate) and CPU (bench);
 # on GPU by width, from the compiled estimate (docs/gpu_fit_table.md, H100
 # and B200): int8 from d_model 4096 (the 3B and 7B steps are estimated

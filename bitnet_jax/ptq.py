@@ -34,6 +34,7 @@ import sys
 from etils import epath
 
 from bitnet_jax import cli, rundir, storage
+from bitnet_jax.evaluation import document_flags
 from bitnet_jax.baselines.rotation_ptq import (METHODS, calibration_rows,
                                                ptq_config, quantize, write_run)
 from bitnet_jax.errors import ConfigError
@@ -49,7 +50,7 @@ def define_flags() -> None:
                     "W_up,gate too (Q_w(W R^T)); default keeps it outside.")
   flags.DEFINE_integer("act_bits", 4, "Activation bits (absmax).")
   flags.DEFINE_integer("seed", 0, "Seed of the random Hadamard signs.")
-  cli.define_document_flags(
+  document_flags.define_document_flags(
       "calib_", default_split="train", max_docs=False,
       split_help="SpinQuant calibration text: eval or train (tfds: a split).")
   flags.DEFINE_integer("calib_samples", 800, "Calibration rows of the model's "
@@ -89,7 +90,7 @@ def main(argv):
   ptq_config(pre.model_cfg, f.method, f.fuse_rotation, f.act_bits)
   rows = None
   if f.method == "spinquant":
-    docs, desc = corpus_documents(pre, cli.documents("calib_"))
+    docs, desc = corpus_documents(pre, document_flags.documents("calib_"))
     rows = calibration_rows(pre.tokenizer, docs, f.calib_samples,
                             pre.model_cfg.seq_len)
     logging.info("calibration: %d rows of %d tokens from %s", len(rows),

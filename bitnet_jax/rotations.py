@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax import hadamard
-from bitnet_jax.scale import sharding
+from bitnet_jax import partitioning
 
 HADAMARD_KINDS = ("activation", "weight_and_activation")
 PTQ_KINDS = ("random_hadamard", "learned")
@@ -37,7 +37,7 @@ def hadamard_input(x: jax.Array, block_size: int,
   """The layer-input Hadamard. When tensor parallelism splits the feature
   axis (the W_o / W_down inputs: heads, mlp), the distributed FWHT: local
   butterflies and one cross-shard stage instead of gathering the activation."""
-  split = sharding.feature_split(logical_axis, x.shape[0]) if x.ndim > 1 else None
+  split = partitioning.feature_split(logical_axis, x.shape[0]) if x.ndim > 1 else None
   if split and hadamard.shardable(x.shape[-1], split[1]):
     axis, shards, batch_axes = split
     return hadamard.fwht_sharded(x, axis, shards, block_size, batch_axes)

@@ -51,7 +51,7 @@ def scale_product(acc: jax.Array, x_scale: jax.Array, w_scale: jax.Array,
 
 def _codes(w, groups, layouts):
   """Ternary codes of the latent kernel, computed where it is stored and
-  then moved to the matmul layout (layouts: sharding.matmul_layouts), so
+  then moved to the matmul layout (layouts: partitioning.matmul_layouts), so
   that the FSDP gather moves int8 codes, not float weights."""
   codes, alpha = quant.ternary_codes(w, groups)
   if layouts is not None:
@@ -69,7 +69,7 @@ def ste_integer_matmul(x: jax.Array, w: jax.Array, bits: int, groups,
   x [..., in] float (rotated, sparsified as the layer does), w [in, *out] the
   latent kernel; bits 8 (Eq. 5) or 4 (Eq. 6); groups: per-projection scales
   (quant.ScaleGroups) or None; layouts: (stored, gathered)
-  PartitionSpecs of the kernel (sharding.matmul_layouts) or None."""
+  PartitionSpecs of the kernel (partitioning.matmul_layouts) or None."""
   return _forward(x, w, bits, groups, dtype, layouts)[0]
 
 

@@ -99,14 +99,14 @@ def main(argv):
                                " --xla_force_host_platform_device_count="
                                + str(int(FLAGS.topology[4:]) *
                                      max(1, FLAGS.num_slices))).strip()
-  from bitnet_jax.scale import sharding
+  from bitnet_jax.training import sharding
   sharding.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address,
                                   FLAGS.num_processes, FLAGS.process_id)
-  from bitnet_jax.training import trainer  # jax-heavy modules after init
   if FLAGS.dry_run:
-    trainer.dry_run(config, FLAGS.topology, FLAGS.dry_run_json,
-                    FLAGS.num_slices)
+    from bitnet_jax.scale import dry_run
+    dry_run.run(config, FLAGS.topology, FLAGS.dry_run_json, FLAGS.num_slices)
     return
+  from bitnet_jax.training import trainer  # jax-heavy modules after init
   trainer.train(config, FLAGS.workdir, trainer.Preemption())
 
 

@@ -9,7 +9,7 @@ Run (every host of a TPU slice or GPU node runs the same command; see launch/):
       --config.data.tfds_data_dir=gs://BUCKET/tfds --config.data.tokenizer=gs://BUCKET/llama.model
 Override example:  --config.opt.lr=8e-4 --config.mesh.tensor=4
 Documented for a v5p:4x4x4 cube or a v5e:16x16 pod (mesh: fsdp over all
-chips, one microbatch, full remat; README "Which slice for which config").
+chips, one microbatch, full remat; docs/scale.md "Which slice for which config").
 Check it fits first (compiles the real step for the slice on any host with
 libtpu installed, allocates nothing; reports memory, FLOPs, collectives, MFU):
   python -m bitnet_jax.train --config=configs/bitnet_v2_1p3b.py --dry_run --topology=v5p:4x4x4

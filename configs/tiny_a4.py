@@ -7,7 +7,7 @@ Run (after configs/tiny.py trained into /tmp/bitnet_tiny):
   python -m bitnet_jax.train --config=configs/tiny_a4.py --workdir=/tmp/bitnet_tiny_a4 \
       --config.init_from=/tmp/bitnet_tiny
 Override example:  --config.train.log_every=5
-Expected: see README "a8 -> a4 continue-training".
+Expected: see docs/training.md "a8 → a4 continue-training".
 """
 from bitnet_jax import defaults
 

@@ -13,7 +13,7 @@ from PIL import Image
 
 from conftest import small_run_config, subprocess_env
 from bitnet_jax import hadamard
-from bitnet_jax.evaluation import activation_stats
+from bitnet_jax import activation_stats
 from bitnet_jax.evaluation import activation_report as analyze
 from bitnet_jax.model import ModelConfig, Transformer
 

@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from bitnet_jax.training import checkpoint as ckpt_lib
+from bitnet_jax import checkpoint as ckpt_lib
 from bitnet_jax import defaults
 from bitnet_jax.data import pipeline as data
 from bitnet_jax.training import trainer

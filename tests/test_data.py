@@ -148,9 +148,9 @@ SCRIPT = textwrap.dedent("""
     it = iter(data.train_dataset(docs, tok, cfg, seq_len=31, seed=5))
     if mode == "first":
       for _ in range(7): next(it)
-      data.save_iterator_state(it, state_file)
+      open(state_file, "w").write(json.dumps(it.get_state()))
     else:
-      data.restore_iterator_state(it, state_file)
+      it.set_state(json.loads(open(state_file).read()))
     np.save(out_file, np.stack([next(it)["tokens"] for _ in range(4)]))
 """)
 

@@ -3,7 +3,7 @@
 communicates."""
 import pytest
 
-from bitnet_jax.scale import chips
+from bitnet_jax import chips
 from bitnet_jax.scale import dry_run
 from bitnet_jax.scale import fit_table
 from bitnet_jax.scale import hlo_stats
@@ -93,13 +93,13 @@ def test_paper_400m_compiled_for_a_v5p_cube():
 
 
 def test_readme_fit_table_is_the_commands_output():
-  """README's fit table = docs/fit_table.md = the table fit_table writes from
-  its cached per-cell reports (no number typed by hand)."""
+  """docs/scale.md's fit table = docs/fit_table.md = the table fit_table
+  writes from its cached per-cell reports (no number typed by hand)."""
   import json
   import os
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
   md = open(os.path.join(root, "docs", "fit_table.md")).read()
-  readme = open(os.path.join(root, "README.md")).read()
+  readme = open(os.path.join(root, "docs", "scale.md")).read()
   section = readme.split(fit_table.BEGIN)[1].split(fit_table.END)[0]
   assert section.strip() == md.strip()
   cells = [tuple(c.strip() for c in line.split("|")[1:3])

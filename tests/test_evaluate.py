@@ -118,7 +118,7 @@ def test_a_file_given_by_path_is_scored_whole(trained_run, corpus_file):
 
 
 def test_a_truncated_checkpoint_is_one_line_naming_it(trained_run, tmp_path):
-  from bitnet_jax.training.checkpoint import CheckpointError
+  from bitnet_jax.checkpoint import CheckpointError
   from test_checkpoint import damage
   run = tmp_path / "run"
   shutil.copytree(trained_run, run)
@@ -157,7 +157,7 @@ def test_a_damaged_checkpoint_is_one_line_on_the_command_line(trained_run,
 
 def test_verbose_prints_the_error_behind_the_line(capsys):
   from bitnet_jax import cli
-  from bitnet_jax.training.checkpoint import CheckpointError
+  from bitnet_jax.checkpoint import CheckpointError
   try:
     try:
       raise RuntimeError("tensorstore: DATA_LOSS: the whole detail")

@@ -10,8 +10,9 @@ import pytest
 
 from bitnet_jax import storage
 from bitnet_jax.errors import StorageFault
-from bitnet_jax.training import checkpoint as ckpt_lib
-from bitnet_jax.training import faults, metrics
+from bitnet_jax import checkpoint as ckpt_lib
+from bitnet_jax import logs
+from bitnet_jax.training import faults
 
 
 def test_storage_faults_are_recognised_through_wrappers():
@@ -66,7 +67,7 @@ def test_full_disk_stops_with_one_line_and_resumes(tmp_path, corpus_file,
   assert not os.path.exists(os.path.join(workdir, "train.lock"))
   monkeypatch.undo()
   root.setLevel(level)
-  metrics.close_log_file()
+  logs.close_log_file()
   saved = ckpt_lib.has_checkpoint(workdir) and ckpt_lib.resolve_checkpoint(
       workdir)[1]
   summary = trainer.train(config, workdir)
@@ -103,7 +104,7 @@ def test_a_save_cut_short_leaves_no_partial_step(tmp_path, corpus_file,
       r"the last saved step is 4: the same command resumes it")):
     trainer.train(config, workdir)
   monkeypatch.undo()
-  metrics.close_log_file()
+  logs.close_log_file()
   assert not os.path.exists(os.path.join(workdir, "train.lock"))
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["4"]
   summary = trainer.train(config, workdir)
@@ -113,7 +114,7 @@ def test_a_save_cut_short_leaves_no_partial_step(tmp_path, corpus_file,
 def test_a_library_traceback_goes_to_the_log_file_only(tmp_path):
   import logging
   import sys
-  metrics.log_to_file(str(tmp_path))
+  logs.log_to_file(str(tmp_path))
   try:
     try:
       raise OSError(errno.ENOSPC, "No space left on device")
@@ -122,9 +123,9 @@ def test_a_library_traceback_goes_to_the_log_file_only(tmp_path):
           "absl", logging.ERROR, "/site-packages/orbax/checkpoint/x.py", 1,
           "Failed to run %d Handler Commit operations\ndetail", (3,),
           sys.exc_info())
-    assert metrics._FILTER.filter(record)
+    assert logs.FILTER.filter(record)
   finally:
-    metrics.close_log_file()
+    logs.close_log_file()
   assert (record.getMessage(), record.exc_info) == (
       "Failed to run 3 Handler Commit operations", None)
   log = (tmp_path / "train.log").read_text()

@@ -9,10 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from bitnet_jax import quant
+from bitnet_jax import partitioning, quant
 from bitnet_jax.layers import BitLinear, QuantConfig
 from bitnet_jax.model import ModelConfig, Transformer
-from bitnet_jax.scale import dry_run, hlo_stats, sharding
+from bitnet_jax.scale import dry_run, hlo_stats
+from bitnet_jax.training import sharding
 from bitnet_jax.training import train_step as step_lib
 from bitnet_jax import ternary_matmul
 
@@ -132,7 +133,7 @@ def test_codes_gathered_from_shards_are_the_unsharded_codes():
       np.float32) * 0.02
   axes = ("embed", "kv_heads", None, "head_dim")
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    layouts = sharding.matmul_layouts(axes)
+    layouts = partitioning.matmul_layouts(axes)
     stored = jax.sharding.NamedSharding(mesh, layouts[0])
     assert "fsdp" in str(layouts[0]) and "fsdp" not in str(layouts[1])
     codes, alpha = jax.jit(lambda w: ternary_matmul._codes(

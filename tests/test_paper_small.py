@@ -91,11 +91,11 @@ def test_quick_study_end_to_end_and_resume(corpus_file, tmp_path):
 
 
 def test_readme_results_are_the_committed_report(tmp_path):
-  """README's Results section = what `paper_small --readme` copies from
-  docs/paper_small/report.md (no number typed by hand)."""
+  """docs/results.md = what `paper_small --readme=docs/results.md` copies
+  from docs/paper_small/report.md (no number typed by hand)."""
   root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-  readme = tmp_path / "README.md"
-  original = open(os.path.join(root, "README.md")).read()
+  readme = tmp_path / "results.md"
+  original = open(os.path.join(root, "docs", "results.md")).read()
   readme.write_text(original)
   report.sync_readme(os.path.join(root, "docs", "paper_small", "report.md"),
                      str(readme))

@@ -124,7 +124,7 @@ def test_two_slices_cross_dcn_only_with_gradients():
 def test_dcn_mesh_shape_and_errors():
   from bitnet_jax import defaults
   from bitnet_jax.errors import ConfigError
-  from bitnet_jax.scale import sharding
+  from bitnet_jax.training import sharding
   m = defaults.base_config().mesh
   m.update(data=1, fsdp=-1, tensor=1, dcn_data=2)
   assert sharding.mesh_shape(m, 8) == (2, 4, 1)   # per slice: fsdp 4

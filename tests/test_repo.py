@@ -41,7 +41,7 @@ def markdown_tables(text):
 def test_readme_results_are_the_committed_report():
   report_path = os.path.join(ROOT, "docs", "paper_small", "report.md")
   report = open(report_path).read()
-  readme = open(os.path.join(ROOT, "README.md")).read()
+  readme = open(os.path.join(ROOT, "docs", "results.md")).read()
   tables = markdown_tables(report)
   assert len(tables) == 5, "Tables 1, 2-3, 4, 5 and the rotated domain"
   for t in tables:
@@ -57,9 +57,9 @@ def test_readme_results_are_the_committed_report():
 
 
 def test_the_fault_table_names_tests_that_exist():
-  """README Reliability: each row's test is a test function of that file."""
+  """docs/reliability.md: each row's test is a test function of that file."""
   import re
-  text = open(os.path.join(ROOT, "README.md")).read()
+  text = open(os.path.join(ROOT, "docs", "reliability.md")).read()
   section = text.split("## Reliability", 1)[1].split("\n## ", 1)[0]
   rows = [l for l in section.splitlines() if l.startswith("| ") and "`test_" in l]
   assert len(rows) >= 20
@@ -72,3 +72,22 @@ def test_the_fault_table_names_tests_that_exist():
       current = path or current
       source = open(os.path.join(ROOT, "tests", current)).read()
       assert f"def {name}(" in source, f"{current}::{name} (README: {row})"
+
+
+def test_the_readme_fits_on_a_screen_and_its_pages_exist():
+  """README about 200 lines; every docs page it links exists, every page
+  under docs/ is linked from it (or from docs/index.md), and every
+  relative link of a page resolves."""
+  import re
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  assert len(readme.splitlines()) <= 250
+  pages = sorted(f for f in os.listdir(os.path.join(ROOT, "docs"))
+                 if f.endswith(".md"))
+  index = open(os.path.join(ROOT, "docs", "index.md")).read()
+  for page in pages:
+    assert f"docs/{page}" in readme or f"({page})" in index, page
+  for name in ["README.md"] + [os.path.join("docs", p) for p in pages]:
+    text = open(os.path.join(ROOT, name)).read()
+    for target in re.findall(r"\]\(([^)#:]+)(?:#[^)]*)?\)", text):
+      path = os.path.join(ROOT, os.path.dirname(name), target)
+      assert os.path.exists(path), f"{name} links {target}"

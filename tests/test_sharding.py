@@ -7,7 +7,7 @@ import pytest
 from jax.sharding import PartitionSpec as P
 
 from bitnet_jax import defaults
-from bitnet_jax.scale import sharding
+from bitnet_jax.training import sharding
 from bitnet_jax.training import trainer
 
 

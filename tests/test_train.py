@@ -15,7 +15,7 @@ import optax
 import orbax.checkpoint as ocp
 import pytest
 
-from bitnet_jax.training import checkpoint as ckpt_lib
+from bitnet_jax import checkpoint as ckpt_lib
 from bitnet_jax.training import optimizer
 from bitnet_jax.training import trainer
 from bitnet_jax.model import ModelConfig, Transformer

@@ -19,7 +19,7 @@ from bitnet_jax import rotations as rotation_lib
 from bitnet_jax.errors import ConfigError
 from bitnet_jax.progress import Progress, format_seconds
 from bitnet_jax.model import ModelConfig, Transformer, param_shapes
-from bitnet_jax.training.train_step import token_nll
+from bitnet_jax.loss import token_nll
 
 METHODS = {"quarot": "random_hadamard", "spinquant": "learned"}
 
@@ -236,14 +236,14 @@ def quantize(pre, method: str, fuse: bool, *, act_bits: int = 4,
     info.update(record, calib_rows=int(len(calib_rows)), steps=steps, lr=lr,
                 batch=batch)
   params = rotate_params(pre.params, cfg, rotations)
-  from bitnet_jax.training.checkpoint import check_param_shapes
+  from bitnet_jax.checkpoint import check_param_shapes
   check_param_shapes(params, param_shapes(cfg), "ptq output")
   return cfg, params, info
 
 
 def write_run(pre, out: str, cfg: ModelConfig, params, info: dict) -> None:
   """Write the PTQ model as a run directory the evaluation tools read."""
-  from bitnet_jax.training import checkpoint as ckpt_lib
+  from bitnet_jax import checkpoint as ckpt_lib
   config = pre.config.copy_and_resolve_references()
   config.quant.act_bits = cfg.act_bits
   config.quant.a4_start_step = -1

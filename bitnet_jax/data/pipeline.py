@@ -24,18 +24,15 @@ CheckpointHandler (see checkpoint.py).
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from typing import Any, Iterator, Sequence
 
 from absl import flags
-from etils import epath
 import grain
 import grain.experimental as grain_exp
 import numpy as np
 
-from bitnet_jax import storage
 from bitnet_jax.errors import ConfigError, InputError
 from bitnet_jax.data.tokenizer import Tokenizer
 
@@ -212,15 +209,6 @@ def eval_batches(docs: Sequence[str], tokenizer: Tokenizer, data, *,
   for _ in range(num_batches):
     out.append(next(it))
   return out
-
-
-def save_iterator_state(iterator, path: str) -> None:
-  """Serialise a grain iterator's position to a JSON file."""
-  storage.write_atomic(path, json.dumps(iterator.get_state()))
-
-
-def restore_iterator_state(iterator, path: str) -> None:
-  iterator.set_state(json.loads(epath.Path(path).read_text()))
 
 
 def measure_throughput(iterator: Iterator[dict[str, Any]], num_batches: int

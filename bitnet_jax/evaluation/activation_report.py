@@ -14,8 +14,8 @@ import numpy as np
 
 from bitnet_jax import sites, storage
 from bitnet_jax.progress import Progress
-from bitnet_jax.evaluation import activation_stats
-from bitnet_jax.evaluation.activation_stats import STAGES, make_summarizer
+from bitnet_jax import activation_stats
+from bitnet_jax.activation_stats import STAGES, make_summarizer
 
 
 def text_batch(pre, docs: list[str], num_seqs: int) -> np.ndarray:

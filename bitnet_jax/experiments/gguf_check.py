@@ -15,6 +15,7 @@ import numpy as np
 from absl import flags
 
 from bitnet_jax import cli
+from bitnet_jax.evaluation import document_flags
 from bitnet_jax.evaluation import perplexity
 
 FLAGS = flags.FLAGS
@@ -66,7 +67,7 @@ def compare(pre, gguf_path: str, docs, window: int = 0,
 
 def define_flags() -> None:
   cli.define_run_flags("The trained run that was exported.", config=False)
-  cli.define_document_flags()
+  document_flags.define_document_flags()
   flags.DEFINE_string("gguf", None, "Its GGUF file (export --format=gguf).")
   flags.DEFINE_integer("threads", 2, "llama.cpp threads.")
 
@@ -76,7 +77,7 @@ def main(argv):
   cli.require("workdir", "gguf")
   from bitnet_jax.inference import pretrained
   pre = pretrained.load(FLAGS.workdir, step=cli.checkpoint_step())
-  docs, desc = perplexity.corpus_documents(pre, cli.documents())
+  docs, desc = perplexity.corpus_documents(pre, document_flags.documents())
   r = compare(pre, FLAGS.gguf, docs, threads=FLAGS.threads)
   print(f"{r['tokens']:,} tokens of {r['documents']} documents ({desc}), "
         f"windows of {r['window']}")

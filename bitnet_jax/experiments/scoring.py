@@ -43,7 +43,7 @@ def layer_stats(pre, docs: list[str], num_seqs: int) -> dict:
   host) of the run on num_seqs held-out rows."""
   import jax
   import jax.numpy as jnp
-  from bitnet_jax.evaluation.activation_stats import make_summarizer
+  from bitnet_jax.activation_stats import make_summarizer
   from bitnet_jax.evaluation.activation_report import text_batch
   tokens = text_batch(pre, docs, num_seqs)
   return jax.device_get(make_summarizer(pre.model, pre.tokenizer.bos_id)(

@@ -79,7 +79,7 @@ def import_checkpoint(hf_dir: str, workdir: str, seq_len: int = 0,
   import jax
   from bitnet_jax.data import tokenizer as tokenizer_lib
   from bitnet_jax.model import ModelConfig, param_shapes
-  from bitnet_jax.training import checkpoint as ckpt_lib
+  from bitnet_jax import checkpoint as ckpt_lib
   from bitnet_jax.training import optimizer, train_step
   root = epath.Path(hf_dir)
   path = root / layout.CONFIG_FILE

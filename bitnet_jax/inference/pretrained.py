@@ -20,12 +20,12 @@ import jax.numpy as jnp
 import ml_collections
 import orbax.checkpoint as ocp
 
-from bitnet_jax.training import checkpoint as ckpt_lib
+from bitnet_jax import checkpoint as ckpt_lib
 from bitnet_jax import rundir
 from bitnet_jax.data import tokenizer as tokenizer_lib
 from bitnet_jax.errors import ConfigError, MissingInput, reason
 from bitnet_jax.model import ModelConfig, Transformer, param_shapes
-from bitnet_jax.training.train_step import token_nll
+from bitnet_jax.loss import token_nll
 
 OVERRIDABLE = ("act_bits", "q_bits", "kv_bits", "hadamard_block_size",
                "attention_impl", "dtype")

@@ -34,10 +34,11 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 
-from bitnet_jax.scale import chips as chips_lib
+from bitnet_jax import chips as chips_lib
 from bitnet_jax.scale import gpu_topology
-from bitnet_jax.scale import hlo_flops, hlo_stats, hlo_text, sharding
-from bitnet_jax.errors import ConfigError
+from bitnet_jax.scale import hlo_flops, hlo_stats, hlo_text
+from bitnet_jax.training import sharding
+from bitnet_jax.errors import ConfigError, UserError
 from bitnet_jax.model import count_params
 
 GIB = 1024.0 ** 3
@@ -382,3 +383,22 @@ def check_fits(r: dict[str, Any]) -> None:
 def write_json(r: dict[str, Any], path: str) -> None:
   with open(path, "w") as f:
     json.dump(r, f, indent=2, default=float)
+
+
+def run(config, topology: str = "", json_path: str = "",
+        num_slices: int = 1) -> dict:
+  """`train --dry_run`: compile the train step from shapes for `topology`,
+  print the per-chip report (and write it as JSON); a step that does not fit
+  is an error."""
+  try:
+    result = report(config, topology, num_slices)
+  except MemoryError as e:
+    raise UserError(str(e)) from None
+  print(format_report(result))
+  if json_path:
+    write_json(result, json_path)
+  try:
+    check_fits(result)
+  except MemoryError as e:
+    raise UserError(str(e)) from None
+  return result

@@ -9,13 +9,13 @@ memory, the microbatches needed and the roofline MFU estimate. GPU cells also
 compile the fp baseline and v2 with int8 training matmuls at the same
 microbatches, for the v2 / fp step ratio. Each result is cached as JSON in
 --cache_dir, so an interrupted run resumes; the table is written to --out
-and, with --readme, copied between the README's fit-table markers (TPU and
+and, with --readme, copied between docs/scale.md's fit-table markers (TPU and
 GPU tables have their own).
 
   python -m bitnet_jax.scale.fit_table --topologies=v5p:4x4x4,v5e:16x16 \
-      --out=docs/fit_table.md --readme=README.md
+      --out=docs/fit_table.md --readme=docs/scale.md
   python -m bitnet_jax.scale.fit_table --topologies=h100:8,h100:8x8,b200:8 \
-      --out=docs/gpu_fit_table.md --cache_dir=docs/gpu_fit_table --readme=README.md
+      --out=docs/gpu_fit_table.md --cache_dir=docs/gpu_fit_table --readme=docs/scale.md
 """
 from __future__ import annotations
 
@@ -34,7 +34,8 @@ flags.DEFINE_list("topologies", ["v5p:2x4x4", "v5p:4x4x4", "v5e:8x8",
                                  "v5e:16x16"], "libtpu topologies.")
 flags.DEFINE_string("out", "docs/fit_table.md", "The markdown table.")
 flags.DEFINE_string("cache_dir", "docs/fit_table", "One JSON report per cell.")
-flags.DEFINE_string("readme", "", "Also copy the table into this README.")
+flags.DEFINE_string("readme", "", "Also copy the table into this file (between "
+                    "its fit-table markers: docs/scale.md).")
 flags.DEFINE_integer("max_microbatches", 16, "Give up beyond this.")
 
 BEGIN, END = "<!-- fit-table:begin -->", "<!-- fit-table:end -->"

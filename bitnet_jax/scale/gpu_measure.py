@@ -58,7 +58,8 @@ def train_config(variant: str, matmul: str, attention: str, smoke: bool):
 
 
 def measure_train(rounds: int, smoke: bool) -> dict:
-  from bitnet_jax.scale import chips, dry_run
+  from bitnet_jax import chips
+  from bitnet_jax.scale import dry_run
   from bitnet_jax.training import run_setup
   from bitnet_jax.training import train_step as step_lib
   device = jax.devices()[0]

@@ -27,7 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from bitnet_jax.training.checkpoint import CheckpointError
+from bitnet_jax.checkpoint import CheckpointError
 
 OFFSET = "offset"          # the BitLinear parameter
 MEAN = "rotated_mean"      # what a centred BitLinear sows: mean of H x

@@ -9,7 +9,7 @@ import logging
 
 from bitnet_jax import rundir
 from bitnet_jax.errors import UserError
-from bitnet_jax.training import checkpoint as ckpt_lib
+from bitnet_jax import checkpoint as ckpt_lib
 
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,
                   errno.EROFS, errno.EIO, errno.ENOENT, errno.ESTALE)

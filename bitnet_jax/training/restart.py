@@ -9,7 +9,7 @@ import jax
 
 from bitnet_jax import rundir, run_identity
 from bitnet_jax.errors import MissingInput
-from bitnet_jax.training import checkpoint as ckpt_lib
+from bitnet_jax import checkpoint as ckpt_lib
 
 
 def check_identity(config, workdir: str) -> list[tuple]:

@@ -14,7 +14,7 @@ import jax.numpy as jnp
 
 from bitnet_jax import defaults
 from bitnet_jax.model import ModelConfig, Transformer, count_params
-from bitnet_jax.scale import sharding
+from bitnet_jax.training import sharding
 from bitnet_jax.training import optimizer as optimizer_lib
 from bitnet_jax.training import train_step as step_lib
 

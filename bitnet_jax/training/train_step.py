@@ -1,6 +1,6 @@
 """Train state, next-token loss, and the train / eval step functions.
 
-The steps are pure functions of (state, batch); train.py jits them with
+The steps are pure functions of (state, batch); run_setup.py jits them with
 explicit in/out shardings and donates the state. A batch is a dict of int32
 [B, L + 1] arrays: `tokens`, optionally `segment_ids` and `positions` (first-fit
 packing). Position t predicts token t + 1; with segments, a target counts only
@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from bitnet_jax.scale import chips
+from bitnet_jax import chips
 from bitnet_jax.training import optimizer as optimizer_lib
+from bitnet_jax.loss import token_nll
 from bitnet_jax.model import ModelConfig, Transformer, count_params
 
 
@@ -61,13 +62,6 @@ def split_batch(batch: dict[str, jax.Array]):
     seg_in = positions = None
     weights = jnp.ones(targets.shape, jnp.float32)
   return inputs, targets, positions, seg_in, weights
-
-
-def token_nll(logits, targets):
-  """-log p(target) per position, float32, without materialising log_softmax."""
-  logits = logits.astype(jnp.float32)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return jax.nn.logsumexp(logits, axis=-1) - target_logit
 
 
 def loss_fn(params, batch, model: Transformer, normalizer=None):

@@ -20,20 +20,20 @@ from typing import Any
 import jax
 from jax.experimental import multihost_utils
 
-from bitnet_jax import rundir
+from bitnet_jax import logs, rundir
 from bitnet_jax.data import corpus as corpus_lib
 from bitnet_jax.data import pipeline as data_lib
 from bitnet_jax.data import tokenizer as tokenizer_lib
-from bitnet_jax.errors import ConfigError, StorageFault, UserError
-from bitnet_jax.evaluation import activation_stats
+from bitnet_jax.errors import ConfigError, StorageFault
+from bitnet_jax import activation_stats
 from bitnet_jax.model import Transformer, count_params
-from bitnet_jax.scale import sharding
+from bitnet_jax.training import sharding
 from bitnet_jax.training import centring
 from bitnet_jax.training import compile_cache
 from bitnet_jax.training import profiling
 from bitnet_jax.training import tracker as tracker_lib
 from bitnet_jax.training.preemption import Preemption
-from bitnet_jax.training import checkpoint as ckpt_lib
+from bitnet_jax import checkpoint as ckpt_lib
 from bitnet_jax.training import environment
 from bitnet_jax.training import faults
 from bitnet_jax.training import restart
@@ -62,25 +62,6 @@ def init_from_abstract(setup: Setup, path: str):
       ckpt_lib.init_from_params(path)):
     return setup.uncentred
   return setup.abstract
-
-
-def dry_run(config, topology: str = "", json_path: str = "",
-            num_slices: int = 1) -> dict:
-  """Compile the train step from shapes for `topology` (see dry_run.py),
-  print the per-chip report; a step that does not fit is an error."""
-  from bitnet_jax.scale import dry_run as dry_run_lib
-  try:
-    report = dry_run_lib.report(config, topology, num_slices)
-  except MemoryError as e:
-    raise UserError(str(e)) from None
-  print(dry_run_lib.format_report(report))
-  if json_path:
-    dry_run_lib.write_json(report, json_path)
-  try:
-    dry_run_lib.check_fits(report)
-  except MemoryError as e:
-    raise UserError(str(e)) from None
-  return report
 
 
 def barrier(name: str) -> None:
@@ -154,7 +135,7 @@ def initial_state(setup: Setup, config, ckpt: ckpt_lib.Checkpointer, data_iter):
   return state, 0, "initialised"
 
 
-def evaluate(setup: Setup, params, batches, bits: int) -> float:
+def held_out_loss(setup: Setup, params, batches, bits: int) -> float:
   total = count = 0.0
   for local in batches:
     t, c = setup.eval_steps[bits](params, sharding.global_batch(local, setup.mesh))
@@ -172,7 +153,7 @@ def log_start(setup: Setup, config, workdir: str, tokens_per_step: int) -> None:
                count_params(setup.abstract.params, non_embedding=True) / 1e6,
                setup.flops_per_token, tokens_per_step, setup.num_steps,
                setup.stop_step)
-  metrics_lib.log_file_only(f"config:\n{config}")
+  logs.log_file_only(f"config:\n{config}")
   if jax.process_index() == 0:
     rundir.RunDir(workdir).write_config(config)
   logging.info("config: %s (all of it in train.log); lr %g, batch %d x %d, "
@@ -208,7 +189,7 @@ def train(config, workdir: str, preemption: Preemption | None = None) -> dict:
     raise
   finally:
     try:
-      metrics_lib.close_log_file()  # all of it written, even to gs://
+      logs.close_log_file()  # all of it written, even to gs://
     finally:
       lock.release()
 
@@ -219,8 +200,8 @@ def _train_locked(setup: Setup, config, workdir: str, preemption,
     # before the tokenizer (or anything else) is taken from that run
     ckpt_lib.check_init_from(config.init_from,
                              init_from_abstract(setup, config.init_from))
-  metrics_lib.quiet_library_logs()
-  metrics_lib.log_to_file(workdir, enabled=jax.process_index() == 0)
+  logs.quiet_library_logs()
+  logs.log_to_file(workdir, enabled=jax.process_index() == 0)
   tokens_per_step = config.data.batch_size * config.model.seq_len
   log_start(setup, config, workdir, tokens_per_step)
   _, train_ds, evals = load_data(config, workdir)
@@ -302,7 +283,7 @@ class Loop:
         self.summary[k] = row[k]
 
   def evaluate(self, state, step: int) -> float:
-    loss = evaluate(self.setup, state.params, self.evals,
+    loss = held_out_loss(self.setup, state.params, self.evals,
                     self.setup.bits_at(step - 1))
     self.writer.scalars(step, {"eval_loss": loss})
     logging.info("step %d: eval loss %.4f", step, loss)
