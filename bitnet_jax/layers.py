@@ -179,7 +179,7 @@ class BitLinear(nn.Module):
     if self.use_norm:
       x = RMSNorm(self.norm_eps, self.kernel_axes[0], name="norm")(x)
     # rotation
-    ptq = self.rotation in rotations.PTQ_KINDS
+    ptq, rot = self.rotation in rotations.PTQ_KINDS, None
     if self.rotation != "none":
       self.sow("intermediates", "pre_rotation", x)
       if ptq:
@@ -197,19 +197,23 @@ class BitLinear(nn.Module):
     # sparsify
     if cfg.topk_ratio is not None:
       x = quantizers.sparsify_topk(x, cfg.topk_ratio)
-    # exported codes: integer matmul, scales afterwards
-    groups = self.scale_groups
-    if cfg.weights != "latent":
+    y, bias_weight, dtype = self._product(x, weights, rot, block)
+    if mu is not None:  # + Q_w(W) mu: the centring's bias, in each form's dtype
+      y = y + contract(mu.astype(dtype), bias_weight().astype(dtype))
+    return y.astype(self.dtype)
+
+  def _product(self, x, weights, rot, block):
+    """The quantized product by weight form: (y, the weight the centring
+    bias multiplies, as a thunk, and the dtype of that bias)."""
+    cfg, groups = self.quant, self.scale_groups
+    if cfg.weights != "latent":  # exported codes: integer matmul, then scales
       w_codes, w_scale = weights
       x_codes, x_scale = quantizers.activation_codes(x, cfg.act_bits)
       y = ternary_matmul.scale_product(
           ternary_matmul.integer_matmul(x_codes, w_codes), x_scale, w_scale,
           groups, w_codes.ndim - 1)
-      if mu is not None:  # + Q_w(W) mu, a bias
-        w_q = w_codes.astype(jnp.float32) * quantizers.spread(
-            w_scale, groups, w_codes.ndim)
-        y = y + contract(mu.astype(jnp.float32), w_q)
-      return y.astype(self.dtype)
+      return y, lambda: w_codes.astype(jnp.float32) * quantizers.spread(
+          w_scale, groups, w_codes.ndim), jnp.float32
     w = weights
     if self.rotation == "weight_and_activation":
       w = rotations.rotate_input_axis(w, block)
@@ -219,22 +223,17 @@ class BitLinear(nn.Module):
       y = ternary_matmul.ste_integer_matmul(
           x, w, cfg.act_bits, groups, self.dtype,
           partitioning.matmul_layouts(self.kernel_axes))
-      if mu is not None:
-        y = y + contract(mu.astype(self.dtype), quantizers.quantize_weights_ternary(
-            w, groups).astype(self.dtype))
-      return y
+      return y, lambda: quantizers.quantize_weights_ternary(w, groups), self.dtype
     # activation quantizer
     x = quantizers.quantize_activations(x, cfg.act_bits, cfg.int4_scale)
     self.sow("intermediates", "quantized_input", x)
-    if ptq and not self.fused:
+    if rot is not None and not self.fused:
       x = rotations.ptq_unrotate(x, self.rotation, rot, block)
     # weight form
     if cfg.ternary_weights:
       w = quantizers.quantize_weights_ternary(w, groups)
-    y = contract(x.astype(self.dtype), w.astype(self.dtype))
-    if mu is not None:
-      y = y + contract(mu.astype(self.dtype), w.astype(self.dtype))
-    return y
+    return contract(x.astype(self.dtype), w.astype(self.dtype)), (
+        lambda: w), self.dtype
 
   def _check(self):
     if self.rotation not in ROTATIONS:

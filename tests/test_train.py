@@ -326,15 +326,16 @@ def test_two_processes_train_and_checkpoint(tmp_path, corpus_file):
 
 @pytest.mark.slow
 def test_tiny_config_loss_falls(tmp_path):
-  """The README's main job (one CPU device), shortened to its first 100 steps,
-  compiled as a user's run is (default XLA flags: its 100 steps outweigh the
-  compile)."""
-  subprocess.run(train_cli(tmp_path, "--config.train.stop_step=100"),
+  """The README's main job (one CPU device), shortened to its first 60 steps,
+  compiled as a user's run is (default XLA flags: its steps outweigh the
+  compile). Measured: 8.18 at step 10, 5.67 and 5.56 at steps 50 and 60."""
+  subprocess.run(train_cli(tmp_path, "--config.train.stop_step=60",
+                           "--config.train.log_every=10"),
                  env=dict(ENV, XLA_FLAGS=""),
                  cwd=ROOT, check=True, capture_output=True, timeout=900)
   recs = losses(str(tmp_path))
   first_logged = recs[min(recs)]["loss"]
-  assert recs[100]["loss"] < 0.7 * first_logged
+  assert max(recs[50]["loss"], recs[60]["loss"]) < 0.75 * first_logged
 
 
 @pytest.mark.slow

@@ -247,6 +247,7 @@ class Loop:
     self.spikes = metrics_lib.SpikeGuard(config.train.get("spike_factor", 0.0),
                                          config.train.get("spike_window", 50))
     self.window: list[dict] = []
+    self.pending: tuple[int, Any] | None = None  # the update in flight
     self.summarizers: dict[int, Any] = {}  # act_bits -> jitted summarizer
     self.summary: dict[str, Any] = {"first_loss": None}
     self.centring = setup.model_cfg.mean_centre  # offsets still to check
@@ -329,9 +330,17 @@ class Loop:
     self.last_ckpt = step
     self.writer.flush()  # metrics and log on storage up to the checkpoint
 
+  def drain(self) -> None:
+    """Read the update still in flight (its metrics; the NaN and spike
+    guards) before anything that must see it: an eval, an analysis, a save
+    (which counts only if that update is finite), the end of the run."""
+    if self.pending is not None:
+      self.consume(*self.pending)
+      self.pending = None
+
   def run(self, state, start: int) -> dict:
     setup, train_cfg = self.setup, self.config.train
-    pending = None
+    self.pending = None
     for step in range(start, setup.stop_step):
       self.profile.before(step, state)
       bits = setup.bits_at(step)
@@ -341,26 +350,20 @@ class Loop:
         state = self.calibrate(state, step)
       batch = sharding.global_batch(next(self.data_iter), setup.mesh)
       state, metrics = setup.steps[bits](state, batch)
-      if pending is not None:
-        self.consume(*pending)  # step N-1, fetched after step N is dispatched
-      pending = (step, metrics)
+      self.drain()  # step N-1, fetched after step N is dispatched
+      self.pending = (step, metrics)
       done = step + 1
       if train_cfg.eval_every and done % train_cfg.eval_every == 0 and (
           done < setup.stop_step):
-        self.consume(*pending)
-        pending = None
+        self.drain()
         self.evaluate(state, done)
       if train_cfg.analysis_every and done % train_cfg.analysis_every == 0:
-        if pending is not None:
-          self.consume(*pending)
-          pending = None
+        self.drain()
         self.analyze(state, done)
       preempted = (self.preemption.agreed(done) or
                    self.ckpt.reached_preemption(done))
       if done % train_cfg.ckpt_every == 0 or preempted:
-        if pending is not None:  # a save counts only if this update is finite
-          self.consume(*pending)
-          pending = None
+        self.drain()
         self.save(state, done, force=preempted)
       if preempted:
         self.profile.close(state)
@@ -369,8 +372,7 @@ class Loop:
                         self.ckpt.directory)
         self.summary.update(preempted=True, final_step=done)
         return self.summary
-    if pending is not None:
-      self.consume(*pending)
+    self.drain()
     self.profile.close(state)
     final = setup.stop_step
     if self.last_ckpt != final:
