@@ -66,10 +66,6 @@ _TRANSIENT = ("PERMISSION_DENIED", "Permission denied", "UNAVAILABLE",
               "DEADLINE_EXCEEDED", "timed out", "Connection reset")
 
 
-def _first_line(e: Exception) -> str:
-  return errors.reason(e)
-
-
 def _is_transient(e: Exception) -> bool:
   return isinstance(e, (PermissionError, TimeoutError, ConnectionError)) or any(
       t in str(e) for t in _TRANSIENT)
@@ -167,7 +163,7 @@ class Checkpointer:
       try:
         return self.restore(step, abstract_state, data_iter), step
       except Exception as e:  # orbax/tensorstore raise many types
-        reason = _first_line(e)
+        reason = errors.reason(e)
         where = f"checkpoint step {step} in {self.directory}"
         if _is_transient(e):
           raise CheckpointError(f"{where} could not be read now ({reason}); "
@@ -301,8 +297,8 @@ def restore_init_from(path: str, abstract_state, data_iter=None
     state = source.restore(step, abstract_state)
   except Exception as e:
     raise CheckpointError(f"init_from {directory / str(step)}: the optimizer "
-                          f"state does not match this config ({type(e).__name__}:"
-                          f" {str(e).splitlines()[0][:200]})") from e
+                          f"state does not match this config "
+                          f"({errors.reason(e)})") from e
   data_ok = False
   if data_iter is not None:
     try:

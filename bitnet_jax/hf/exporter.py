@@ -31,20 +31,19 @@ import numpy as np
 from bitnet_jax import policy, quant, storage
 from bitnet_jax.errors import ConfigError
 from bitnet_jax.hf import layout
+from bitnet_jax.inference.exported import FLOAT_DTYPES
 
 FORMATS = ("hf", "hf-bf16")
 SITE_OF = {"q_proj": "qkv", "k_proj": "qkv", "v_proj": "qkv", "o_proj": "o",
            "up_proj": "up_gate", "gate_proj": "up_gate", "down_proj": "down"}
 
 
-DTYPES = ("bfloat16", "float32")
-
-
 def check_exportable(cfg, fmt: str, dtype: str = "bfloat16") -> None:
   if fmt not in FORMATS:
     raise ConfigError(f"format must be one of {FORMATS}, got {fmt!r}")
-  if dtype not in DTYPES:
-    raise ConfigError(f"--dtype must be one of {DTYPES}, got {dtype!r}")
+  if dtype not in FLOAT_DTYPES:
+    raise ConfigError(f"--dtype must be one of {tuple(FLOAT_DTYPES)}, got "
+                      f"{dtype!r}")
   if fmt == "hf-bf16" and dtype != "bfloat16":
     raise ConfigError("hf-bf16 holds the master weights in bfloat16: for a "
                       "float32 export use --format=hf --dtype=float32")
@@ -79,9 +78,9 @@ def hf_config(cfg, tokenizer, fmt: str, dtype: str = "bfloat16") -> dict:
 
 
 def _as(dtype: str):
-  """x -> a numpy array in `dtype` ("bfloat16" through JAX's ml_dtypes)."""
+  """x -> a numpy array in `dtype` (bfloat16 through JAX's ml_dtypes)."""
   import jax.numpy as jnp
-  return lambda x: np.asarray(jnp.asarray(x, getattr(jnp, dtype)))
+  return lambda x: np.asarray(jnp.asarray(x, FLOAT_DTYPES[dtype]))
 
 
 def projections(layer: dict, cfg) -> dict[str, np.ndarray]:

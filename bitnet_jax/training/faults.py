@@ -7,9 +7,9 @@ from __future__ import annotations
 import errno
 import logging
 
+from bitnet_jax import checkpoint as ckpt_lib
 from bitnet_jax import rundir
 from bitnet_jax.errors import UserError
-from bitnet_jax import checkpoint as ckpt_lib
 
 STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM,
                   errno.EROFS, errno.EIO, errno.ENOENT, errno.ESTALE)
@@ -44,8 +44,6 @@ def last_saved(workdir: str) -> str:
     return "no step was saved; nothing to resume"
   return (f"the last saved step is {step}: the same command resumes it once "
           "the storage is back")
-
-
 
 
 def discard_partial_steps(workdir: str) -> None:
