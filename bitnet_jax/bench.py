@@ -97,7 +97,9 @@ def _train_steps(small: bool):
   from bitnet_jax import defaults
   from bitnet_jax.training import optimizer
   from bitnet_jax.training import train_step
-  from bitnet_jax.model import ModelConfig, Transformer
+  from bitnet_jax.data.batch import Batch
+  from bitnet_jax.model import Transformer
+  from bitnet_jax.run_config import RunConfig
   config = defaults.tiny_config()
   if small:
     config.model.update(d_model=64, d_ff=192, num_layers=2, seq_len=64)
@@ -113,13 +115,14 @@ def _train_steps(small: bool):
   for variant, bits, matmul in variants:
     config.model.variant, config.quant.act_bits = variant, bits
     config.quant.train_matmul = matmul
-    model = Transformer(ModelConfig.from_config(config))
-    tx = optimizer.make_optimizer(config.opt, config.train.num_steps)
+    run = RunConfig.from_config(config)
+    model = Transformer(run.model)
+    tx = optimizer.make_optimizer(run.opt, run.train.num_steps)
     state = jax.jit(train_step.unboxed_init(model, tx))(jax.random.PRNGKey(0))
     step = jax.jit(train_step.make_train_step(model, tx))
     name = (f"{variant} a{bits}" + (" int8 matmul" if matmul == "int8" else "")
             if variant != "fp" else "fp")
-    fns[name] = functools.partial(lambda f, st: f(st, {"tokens": tokens})[1],
+    fns[name] = functools.partial(lambda f, st: f(st, Batch(tokens))[1],
                                   step, state)
   return fns, tokens.shape[0] * (tokens.shape[1] - 1)
 

@@ -4,6 +4,9 @@ The `model` group and `quant` group (but its training-loop key a4_start_step)
 are read as they are by `model_config.ModelConfig` (same names, defaults and
 encodings); the other groups by the training loop.
 
+`run_config.RunConfig.from_config` turns a ConfigDict into the typed run
+config and holds every rule on the fields.
+
 Config files in configs/ call `base_config()` (or `paper_config(size)`) and
 override what differs, so each file stays short and every field is documented
 once, here. Groups: config.model, config.quant, config.opt, config.data,
@@ -216,62 +219,3 @@ def tiny_config(act_bits: int = 8) -> ml_collections.ConfigDict:
   c.train.ckpt_every = 200
   c.quant.act_bits = act_bits
   return c
-
-
-def stop_step(config) -> int:
-  """The step a run stops at: train.stop_step, else num_steps x stop_fraction
-  (so overriding train.num_steps alone moves the stop with it)."""
-  t = config.train
-  if t.stop_step >= 0:
-    return int(t.stop_step)
-  return round(t.num_steps * t.get("stop_fraction", 1.0))
-
-
-def validate(config) -> None:
-  """ValueError naming the first field outside its sane range (the model
-  group is checked by model.ModelConfig)."""
-  o, t, q, d = config.opt, config.train, config.quant, config.data
-  checks = [
-      ("opt.lr", o.lr > 0, "must be > 0"),
-      ("opt.lr_stage2", o.lr_stage2 >= 0, "must be >= 0"),
-      ("opt.lr_end", o.lr_end >= 0, "must be >= 0"),
-      ("opt.warmup_steps", o.warmup_steps >= 0, "must be >= 0"),
-      ("opt.stage2_start", 0 < o.stage2_start <= 1, "must be in (0, 1]"),
-      ("opt.weight_decay", o.weight_decay >= 0, "must be >= 0"),
-      ("opt.weight_decay_stage2", o.weight_decay_stage2 >= 0, "must be >= 0"),
-      ("opt.b1", 0 <= o.b1 < 1, "must be in [0, 1)"),
-      ("opt.b2", 0 <= o.b2 < 1, "must be in [0, 1)"),
-      ("opt.eps", o.eps > 0, "must be > 0"),
-      ("opt.grad_clip", o.grad_clip >= 0, "must be >= 0 (0 = off)"),
-      ("train.num_steps", t.num_steps > 0, "must be > 0"),
-      ("train.stop_fraction", 0 < t.get("stop_fraction", 1.0) <= 1,
-       "must be in (0, 1]"),
-      ("train.microbatches", t.microbatches >= 1, "must be >= 1"),
-      ("train.log_every", t.log_every >= 1, "must be >= 1"),
-      ("train.ckpt_every", t.ckpt_every >= 1, "must be >= 1"),
-      ("train.keep_ckpts", t.keep_ckpts >= 0, "must be >= 0 (0 = all)"),
-      ("train.eval_every", t.eval_every >= 0, "must be >= 0 (0 = end only)"),
-      ("train.eval_batches", t.eval_batches >= 0, "must be >= 0"),
-      ("train.analysis_every", t.analysis_every >= 0, "must be >= 0"),
-      ("train.spike_factor", t.get("spike_factor", 0.0) == 0
-       or t.get("spike_factor", 0.0) > 1, "must be > 1 (or 0 = off)"),
-      ("train.spike_window", t.get("spike_window", 50) >= 3, "must be >= 3"),
-      ("train.restore_step", t.get("restore_step", -1) >= -1,
-       "must be a saved step (or -1 = the latest)"),
-      ("data.batch_size", d.batch_size > 0, "must be > 0"),
-      ("data.eval_fraction", 0 <= d.eval_fraction < 1, "must be in [0, 1)"),
-      ("data.shuffle_rows", d.shuffle_rows >= 0, "must be >= 0"),
-      ("data.prefetch", d.prefetch >= 0, "must be >= 0"),
-  ]
-  for field, ok, rule in checks:
-    if not ok:
-      group, name = field.split(".")
-      raise ConfigError(f"{field} {rule}, got {config[group][name]}")
-  stop = stop_step(config)
-  if not 0 < stop <= t.num_steps:
-    raise ConfigError(f"train.stop_step {stop} must be in (0, train.num_steps "
-                     f"{t.num_steps}]")
-  if q.a4_start_step >= 0 and not q.a4_start_step < stop:
-    raise ConfigError(f"quant.a4_start_step {q.a4_start_step} is not inside the "
-                     f"run (it stops at step {stop}): it would never switch")
-

@@ -28,7 +28,7 @@ import os
 from etils import epath
 import ml_collections
 
-from bitnet_jax import storage
+from bitnet_jax import defaults, storage
 from bitnet_jax.errors import MissingInput, UserError
 
 CONFIG = "config.json"
@@ -92,13 +92,27 @@ def check_output(out: str, flag: str = "--out", own: str = "",
 
 def migrate(config: dict) -> dict:
   """A config.json written by an older bitnet_jax, in today's schema, with
-  the meaning it was trained with: runs before `quant.weight_scale` used one
-  absmean scale per fused kernel; `quant.ptq_rotation` "" meant none."""
+  the meaning it was trained with (the one place old run directories are
+  read compatibly): runs before `quant.weight_scale` used one absmean scale
+  per fused kernel; `quant.ptq_rotation` "" meant none; runs before
+  `train.spike_factor` had no spike guard; any other field missing from an
+  older schema gets today's default, which is what those runs did."""
   quant = config.get("quant", {})
   if "model" in config and "weight_scale" not in quant:
     quant["weight_scale"] = "tensor"
   if quant.get("ptq_rotation") == "":
     quant["ptq_rotation"] = "none"
+  train = config.get("train")
+  if isinstance(train, dict) and "spike_factor" not in train:
+    train["spike_factor"] = 0.0
+  base = defaults.base_config().to_dict()
+  for key, value in base.items():
+    if isinstance(value, dict):
+      group = config.setdefault(key, {})
+      for field, default in value.items():
+        group.setdefault(field, default)
+    else:
+      config.setdefault(key, value)
   return config
 
 
@@ -167,7 +181,7 @@ class RunDir:
     model = self.path / TOKENIZER
     return json_file if json_file.exists() and not model.exists() else model
 
-  def tokenizer_path(self, config) -> epath.Path:
-    """The tokenizer the run used: the configured file, else its own copy."""
-    return epath.Path(config.data.tokenizer) if config.data.tokenizer else \
-        self.own_tokenizer
+  def tokenizer_path(self, data) -> epath.Path:
+    """The tokenizer the run used (data: its data config): the configured
+    file, else its own copy."""
+    return epath.Path(data.tokenizer) if data.tokenizer else self.own_tokenizer

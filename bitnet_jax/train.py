@@ -99,15 +99,17 @@ def main(argv):
                                " --xla_force_host_platform_device_count="
                                + str(int(FLAGS.topology[4:]) *
                                      max(1, FLAGS.num_slices))).strip()
+  from bitnet_jax.run_config import RunConfig
+  run = RunConfig.from_config(config)  # the one typed, checked config
   from bitnet_jax.training import sharding
   sharding.initialize_distributed(FLAGS.distributed, FLAGS.coordinator_address,
                                   FLAGS.num_processes, FLAGS.process_id)
   if FLAGS.dry_run:
     from bitnet_jax.scale import dry_run
-    dry_run.run(config, FLAGS.topology, FLAGS.dry_run_json, FLAGS.num_slices)
+    dry_run.run(run, FLAGS.topology, FLAGS.dry_run_json, FLAGS.num_slices)
     return
   from bitnet_jax.training import trainer  # jax-heavy modules after init
-  trainer.train(config, FLAGS.workdir, trainer.Preemption())
+  trainer.train(run, FLAGS.workdir, trainer.Preemption())
 
 
 if __name__ == "__main__":

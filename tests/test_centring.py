@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bitnet_jax.data.batch import Batch
 from bitnet_jax import quant
 from bitnet_jax.errors import ConfigError
 from bitnet_jax.layers import BitLinear, QuantConfig
@@ -119,10 +120,10 @@ def small_model(scan: bool):
 def test_calibration_is_the_mean_of_the_rotated_inputs(scan):
   model = small_model(scan)
   rng = np.random.default_rng(0)
-  batches = [{"tokens": jnp.asarray(rng.integers(0, 64, (4, 17)), jnp.int32)}
+  batches = [Batch(jnp.asarray(rng.integers(0, 64, (4, 17)), jnp.int32))
              for _ in range(2)]
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(0),
-                                    batches[0]["tokens"][:, :-1])["params"])
+                                    batches[0].inputs)["params"])
   assert centring.needs_calibration(params)
   calibrated, sizes = centring.calibrate(params, model, batches)
   sites = 2 if scan else 4  # W_o, W_down (per layer when unrolled)
@@ -130,7 +131,7 @@ def test_calibration_is_the_mean_of_the_rotated_inputs(scan):
   # reference: mean over both batches of the sown pre-rotation input times H
   pre = {}
   for b in batches:
-    _, state = model.apply({"params": params}, b["tokens"][:, :-1],
+    _, state = model.apply({"params": params}, b.inputs,
                            mutable=["intermediates"])
     for path, v in jax.tree_util.tree_flatten_with_path(state)[0]:
       keys = [k.key for k in path if hasattr(k, "key")]
@@ -216,7 +217,7 @@ def test_export_keeps_the_offsets():
   tokens = jnp.asarray(np.random.default_rng(1).integers(0, 64, (2, 16)))
   params = nn.meta.unbox(model.init(jax.random.PRNGKey(0), tokens)["params"])
   params, _ = centring.calibrate(params, model,
-                                 [{"tokens": jnp.pad(tokens, ((0, 0), (0, 1)))}])
+                                 [Batch(jnp.pad(tokens, ((0, 0), (0, 1))))])
   want = model.apply({"params": params}, tokens)
   out = exported.inference_params(params, model.cfg, "int8", "float32")
   assert set(centring.offset_leaves(out)) == set(centring.offset_leaves(params))

@@ -1,4 +1,5 @@
 """Orbax checkpoints: round trip, corrupted steps, init_from checks."""
+import dataclasses
 import logging
 import os
 
@@ -20,10 +21,9 @@ def setup():
 
 
 def fresh_state(setup, seed=0):
-  config = small_config((2, 2, 2))
-  config.seed = seed
+  seeded = dataclasses.replace(setup, run=setup.run.replace(seed=seed))
   with setup.context():
-    state, _, _ = trainer.initial_state(setup, config, NoCkpt(), None)
+    state, _, _ = trainer.initial_state(seeded, NoCkpt(), None)
   return state
 
 
@@ -50,7 +50,7 @@ def test_round_trip_restores_state_shardings_and_data(tmp_path, setup, documents
     next(it)
   ck = ckpt_lib.Checkpointer(str(tmp_path), keep=2)
   ck.save(7, state, trainer.FrozenIteratorState(it))
-  expected_next = next(it)["tokens"]  # the loop moved on before the save ran
+  expected_next = next(it).tokens  # the loop moved on before the save ran
   ck.wait()
   it2 = data_iterator(documents, small_tokenizer)
   restored, step = ck.restore_latest(setup.abstract, it2)
@@ -59,7 +59,7 @@ def test_round_trip_restores_state_shardings_and_data(tmp_path, setup, documents
     np.testing.assert_array_equal(a, b)
   kernel = restored.params["layers"]["attn"]["qkv"]["kernel"]
   assert kernel.sharding == setup.state_sharding.params["layers"]["attn"]["qkv"]["kernel"]
-  np.testing.assert_array_equal(next(it2)["tokens"], expected_next)
+  np.testing.assert_array_equal(next(it2).tokens, expected_next)
   ck.close()
 
 

@@ -10,6 +10,7 @@ import pytest
 
 from bitnet_jax import defaults, model_config
 from bitnet_jax.model import ModelConfig
+from bitnet_jax.run_config import RunConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG_FILES = sorted(glob.glob(os.path.join(ROOT, "configs", "*.py")))
@@ -47,7 +48,7 @@ def test_config_and_its_documented_override_build_a_valid_run(path):
   for group in ("model", "quant", "opt", "data", "mesh", "train"):
     assert set(config[group].keys()) == set(defaults.base_config()[group].keys())
   ModelConfig.from_config(config)  # validates shapes and options
-  defaults.validate(config)
+  RunConfig.from_config(config)
   # The documented override example names real fields and stays valid.
   overrides = documented_overrides(doc, rel)
   assert overrides, "an override example"
@@ -60,7 +61,7 @@ def test_config_and_its_documented_override_build_a_valid_run(path):
     node[field] = (value.lower() == "true" if isinstance(old, bool)
                    else type(old)(value))
   ModelConfig.from_config(config)
-  defaults.validate(config)
+  RunConfig.from_config(config)
 
 
 def test_model_config_is_the_model_and_quant_groups():
@@ -88,7 +89,7 @@ def test_a4_configs_continue_their_a8_parent():
     assert a8.quant.act_bits == 8 and a4.quant.act_bits == 4
     assert a4.train.require_init_from
     # The a8 run stops where the paper's last 5% of tokens begins.
-    assert defaults.stop_step(a8) == round(0.95 * a8.train.num_steps)
+    assert RunConfig.from_config(a8).stop_step == round(0.95 * a8.train.num_steps)
     assert a8.model == a4.model and a8.opt == a4.opt
 
 
@@ -107,10 +108,10 @@ def test_the_a8_stop_follows_num_steps():
   """Overriding train.num_steps alone (as the README suggests) moves the a8
   stop with it: configs/tiny.py stops at 95% of whatever the schedule is."""
   tiny = load(os.path.join(ROOT, "configs", "tiny.py")).get_config()
-  assert defaults.stop_step(tiny) == 570
+  assert RunConfig.from_config(tiny).stop_step == 570
   tiny.train.num_steps = 200
-  assert defaults.stop_step(tiny) == 190
-  defaults.validate(tiny)
+  assert RunConfig.from_config(tiny).stop_step == 190
+  RunConfig.from_config(tiny)
 
 
 @pytest.mark.parametrize("field,value,message", [
@@ -126,4 +127,4 @@ def test_validation_names_the_field(field, value, message):
   group, name = field.split(".")
   c[group][name] = value
   with pytest.raises(ValueError, match=message):
-    defaults.validate(c)
+    RunConfig.from_config(c)

@@ -6,6 +6,7 @@ import pytest
 
 from bitnet_jax import defaults
 from bitnet_jax.data import corpus
+from bitnet_jax.run_config import RunConfig
 
 
 def data_cfg(**kw):
@@ -79,7 +80,8 @@ def test_empty_corpus_and_bad_fields(tmp_path):
   (tmp_path / "y.jsonl").write_text('{"text": "ok"}\nnot json\n')
   with pytest.raises(ValueError, match=r"y.jsonl:2: not JSON"):
     corpus.load_corpus(data_cfg(source="jsonl", paths=str(tmp_path / "y.jsonl")))
-  with pytest.raises(ValueError, match="data.source must be one of"):
+  # (an unknown data.source is the run config's to refuse: test_run_config)
+  with pytest.raises(ValueError, match="'parquet' is not a local source"):
     corpus.load_corpus(data_cfg(source="parquet"))
 
 
@@ -96,5 +98,7 @@ def test_unknown_tfds_name_is_a_clear_error(tmp_path):
   with pytest.raises(ValueError, match="'no_such_corpus_xyz'.*cannot be read"):
     corpus.load_corpus(data_cfg(source="tfds", tfds_name="no_such_corpus_xyz",
                                 tfds_data_dir=str(tmp_path)))
-  with pytest.raises(ValueError, match="tfds_name is empty"):
-    corpus.load_corpus(data_cfg(source="tfds"))
+  config = defaults.base_config()
+  config.data.source = "tfds"
+  with pytest.raises(ValueError, match="data.tfds_name must name a dataset"):
+    RunConfig.from_config(config)

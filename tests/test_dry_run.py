@@ -65,7 +65,7 @@ def test_paper_400m_compiled_for_a_v5p_cube():
   config = fit_table.load_config("400m")
   devices, chip = dry_run.topology_devices("v5p:4x4x4")
   setup, compiled, seconds = dry_run.compile_step(config, devices)
-  r = dry_run.summarize(config, setup, compiled, chip, "v5p:4x4x4", seconds)
+  r = dry_run.summarize(setup, compiled, chip, "v5p:4x4x4", seconds)
   assert r["fits"] and r["total_gib"] < 0.5 * r["hbm_gib"]
   assert 0.8 < r["program_flops"] / r["needed_flops"] < 1.2
   assert r["collective_payload"] <= 1.5 * r["zero3_payload"]

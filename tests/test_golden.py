@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+from bitnet_jax.data.batch import Batch
 from bitnet_jax import defaults
 from bitnet_jax.model import ModelConfig, Transformer
 from bitnet_jax.training import train_step as step_lib
@@ -41,9 +42,9 @@ def test_one_step_equals_golden(case):
                       topk_ratio_o=golden.TOPK_O, weight_scale=weight_scale)
   cfg = ModelConfig.from_config(config)
   model = Transformer(cfg)
-  batch = {"tokens": jnp.asarray(golden.make_batch())}
+  batch = Batch(jnp.asarray(golden.make_batch()))
   shapes = nn.meta.unbox(jax.eval_shape(
-      model.init, jax.random.PRNGKey(0), batch["tokens"][:, :-1])["params"])
+      model.init, jax.random.PRNGKey(0), batch.inputs)["params"])
   values = golden.make_params(variant)
   names = {path_name(p) for p, _ in
            jax.tree_util.tree_flatten_with_path(shapes)[0]}

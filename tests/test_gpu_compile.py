@@ -38,7 +38,7 @@ def small_config(**changes):
 def compile_for(topology, config):
   devices, chip = dry_run.topology_devices(topology)
   setup, compiled, seconds = dry_run.compile_step(config, devices)
-  return (dry_run.summarize(config, setup, compiled, chip, topology, seconds),
+  return (dry_run.summarize(setup, compiled, chip, topology, seconds),
           compiled.as_text(), setup)
 
 

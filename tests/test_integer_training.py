@@ -9,6 +9,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from bitnet_jax.data.batch import Batch
+from bitnet_jax.run_config import RunConfig
 from bitnet_jax import partitioning, quant
 from bitnet_jax.layers import BitLinear, QuantConfig
 from bitnet_jax.model import ModelConfig, Transformer
@@ -100,7 +102,7 @@ def test_model_loss_and_gradients_match(variant, bits):
   for matmul in ("float", "int8"):
     model = Transformer(cfg.replace(train_matmul=matmul))
     out[matmul] = jax.value_and_grad(step_lib.loss_fn, has_aux=True)(
-        params, {"tokens": tokens}, model)
+        params, Batch(tokens), model)
   ((l_int, _), g_int), ((l_fake, _), g_fake) = out["int8"], out["float"]
   # The int8 path accumulates exactly (int32), the fake-quantized one in
   # float32: a projection's output differs by float32 rounding, and where the
@@ -127,8 +129,9 @@ def fsdp_config(matmul, mesh=(1, 8, 1)):
 def test_codes_gathered_from_shards_are_the_unsharded_codes():
   """The absmean is one reduction over the shards; each shard rounds its own
   entries; what the matmul receives (gathered) is the whole kernel's codes."""
-  mesh = sharding.make_mesh(fsdp_config("int8").mesh, jax.devices()[:8])
-  rules = sharding.logical_rules(fsdp_config("int8").mesh)
+  run = RunConfig.from_config(fsdp_config("int8"))
+  mesh = sharding.make_mesh(run.mesh, jax.devices()[:8])
+  rules = sharding.logical_rules(run.mesh)
   w = np.random.default_rng(3).standard_normal((64, 4, 3, 16)).astype(
       np.float32) * 0.02
   axes = ("embed", "kv_heads", None, "head_dim")
@@ -200,7 +203,7 @@ def _two_steps(setup, config):
     state = init(jax.random.PRNGKey(0))
     out = []
     for _ in range(2):
-      batch = sharding.global_batch({"tokens": tokens}, setup.mesh)
+      batch = sharding.global_batch(Batch(tokens), setup.mesh)
       state, metrics = setup.steps[8](state, batch)
       out.append(float(metrics["loss"]))
   return out

@@ -77,6 +77,7 @@ LAYERS = (
               "partitioning", "chips", "activation_stats")),
     ("model", ("model_config", "rotations", "layers", "policy", "kv_cache",
                "model", "loss")),
+    ("run config", ("run_config",)),
     ("data", ("data",)),
     ("training", ("training",)),
     ("inference", ("inference", "hf")),

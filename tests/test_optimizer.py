@@ -8,6 +8,7 @@ import optax
 import pytest
 
 from bitnet_jax import defaults
+from bitnet_jax.run_config import OptConfig, RunConfig
 from bitnet_jax.training import optimizer
 
 
@@ -17,7 +18,7 @@ def opt_cfg(**kw):
                 warmup_steps=10, stage2_start=0.5, weight_decay=0.1,
                 weight_decay_stage2=0.0))
   o.update(kw)
-  return o
+  return OptConfig(**o)
 
 
 # Written out by hand for T = 100 steps, warm-up 10, stage 2 from step 50.
@@ -98,7 +99,10 @@ def test_hyperparams_live_in_the_state_and_decay_hits_kernels_only():
 
 
 def test_bad_schedule_config():
-  with pytest.raises(ValueError, match="warmup_steps"):
-    optimizer.lr_schedule(opt_cfg(warmup_steps=80), 100)
+  c = defaults.tiny_config()  # 600 steps: stage 2 from step 300
+  c.opt.warmup_steps = 400
+  with pytest.raises(ValueError, match="warmup_steps 400 must be <= the "
+                     "stage-2 start"):
+    RunConfig.from_config(c)
   with pytest.raises(ValueError, match="lr_shape"):
-    optimizer.lr_schedule(opt_cfg(lr_shape="step"), 100)
+    opt_cfg(lr_shape="step")

@@ -116,7 +116,7 @@ def test_two_slices_cross_dcn_only_with_gradients():
   assert len(others) <= 1, [t[:2] for t in others]
   assert all(",128,256]" in t[1] for t in others), [t[:2] for t in others]
   # the dry run's report says the same
-  report = dry_run.summarize(config, setup, compiled, None, "v5p:2x2x1 x 2")
+  report = dry_run.summarize(setup, compiled, None, "v5p:2x2x1 x 2")
   assert report["dcn_transfers"]["ALL_REDUCE"]["sites"] == len(reduces)
   assert "across slices (DCN)" in dry_run.format_report(report)
 
@@ -125,17 +125,16 @@ def test_dcn_mesh_shape_and_errors():
   from bitnet_jax import defaults
   from bitnet_jax.errors import ConfigError
   from bitnet_jax.training import sharding
-  m = defaults.base_config().mesh
-  m.update(data=1, fsdp=-1, tensor=1, dcn_data=2)
+  from bitnet_jax.run_config import MeshConfig
+  base = dict(defaults.base_config().mesh, data=1, fsdp=-1, tensor=1)
+  m = MeshConfig(**dict(base, dcn_data=2))
   assert sharding.mesh_shape(m, 8) == (2, 4, 1)   # per slice: fsdp 4
   mesh = sharding.make_mesh(m, __import__("jax").devices()[:8])
   assert dict(mesh.shape) == {"data": 2, "fsdp": 4, "tensor": 1}
-  m.dcn_data = 3
   with pytest.raises(ConfigError, match="does not divide the 8 devices"):
-    sharding.mesh_shape(m, 8)
-  m.dcn_data = 0
+    sharding.mesh_shape(MeshConfig(**dict(base, dcn_data=3)), 8)
   with pytest.raises(ConfigError, match="dcn_data must be >= 1"):
-    sharding.mesh_shape(m, 8)
+    MeshConfig(**dict(base, dcn_data=0))
 
 
 def two_processes(workdir, corpus_file, port, stop_step=30, extra=()):

@@ -132,7 +132,7 @@ def test_spinquant_learns_and_its_run_scores(b158_run, tmp_path):
   from bitnet_jax.inference import pretrained
   from bitnet_jax.evaluation.perplexity import perplexity
   pre = pretrained.load(b158_run)
-  docs = corpus.load_corpus(pre.config.data).train
+  docs = corpus.load_corpus(pre.run.data).train
   rows = ptq.calibration_rows(pre.tokenizer, docs, 32, pre.model_cfg.seq_len)
   assert rows.shape == (32, pre.model_cfg.seq_len + 1)
   cfg, params, info = ptq.quantize(pre, "spinquant", True, calib_rows=rows,
@@ -149,7 +149,7 @@ def test_spinquant_learns_and_its_run_scores(b158_run, tmp_path):
       lambda _, chunk: jnp.mean(-loaded.scorer(loaded.params, chunk)[0]),
       None, rows, 8)
   assert math.isclose(loss, info["calib_loss_end"], rel_tol=1e-4)
-  ppl = perplexity(loaded, corpus.load_corpus(pre.config.data).eval[:8])
+  ppl = perplexity(loaded, corpus.load_corpus(pre.run.data).eval[:8])
   assert np.isfinite(ppl["ppl"]) and ppl["ppl"] > 1
 
 
@@ -167,7 +167,7 @@ def test_quarot_cli_end_to_end(b158_run, trained_run, tmp_path):
   loaded = pretrained.load(out)
   assert loaded.model_cfg.ptq_rotation == "random_hadamard"
   assert not loaded.model_cfg.ptq_fused
-  ppl = perplexity(loaded, corpus.load_corpus(loaded.config.data).eval[:8])
+  ppl = perplexity(loaded, corpus.load_corpus(loaded.run.data).eval[:8])
   assert np.isfinite(ppl["ppl"]) and ppl["ppl"] > 1
   # Same --out again: refused without --overwrite; a v2 run: refused.
   again = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True)

@@ -7,6 +7,7 @@ import pytest
 
 from bitnet_jax import rundir
 from bitnet_jax.inference import pretrained
+from bitnet_jax.run_config import RunConfig
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,8 +22,8 @@ def test_a_trained_run_has_the_documented_layout(trained_run):
   assert sorted(p.name for p in run.checkpoints.iterdir()) == ["10", "20", "24"]
   # what train wrote is what every reader gets back
   pre = pretrained.load(trained_run)
-  assert pre.config.to_json() == run.read_config().to_json()
-  assert pre.step == 24 and pre.tokenizer.vocab_size == pre.config.model.vocab_size
+  assert pre.run == RunConfig.from_config(run.read_config())
+  assert pre.step == 24 and pre.tokenizer.vocab_size == pre.run.model.vocab_size
 
 
 def test_config_round_trip_and_errors(tmp_path):
@@ -36,9 +37,9 @@ def test_config_round_trip_and_errors(tmp_path):
   run.write_config(config)
   # JSON has no tuples: the round trip is equal as JSON
   assert run.read_config().to_json() == config.to_json_best_effort()
-  assert run.tokenizer_path(config) == run.own_tokenizer
+  assert run.tokenizer_path(config.data) == run.own_tokenizer
   config.data.tokenizer = "/elsewhere/sp.model"
-  assert str(run.tokenizer_path(config)) == "/elsewhere/sp.model"
+  assert str(run.tokenizer_path(config.data)) == "/elsewhere/sp.model"
   blocker = tmp_path / "file"
   blocker.write_text("x")
   with pytest.raises(rundir.NotWritable, match="is not writable"):
@@ -65,6 +66,27 @@ def test_an_older_config_keeps_the_meaning_it_was_trained_with(tmp_path):
   rundir.RunDir(str(tmp_path)).write_config(fresh)
   again = rundir.RunDir(str(tmp_path)).read_config()
   assert ModelConfig.from_config(again).weight_scale == "projection"
+
+
+def test_an_older_schema_reads_as_a_run_config(tmp_path):
+  """The one migration: a config.json from before train.stop_fraction,
+  train.spike_factor and mesh.dcn_data existed reads as a RunConfig, with
+  the meaning those runs had (no spike guard; today's defaults for the
+  others), and nothing else in the code needs a default for them."""
+  import json
+  from bitnet_jax import defaults
+  old = defaults.tiny_config().to_dict()
+  for group, field in (("train", "stop_fraction"), ("train", "spike_factor"),
+                       ("train", "profile_start"), ("mesh", "dcn_data")):
+    del old[group][field]
+  del old["init_from_any_variant"]
+  (tmp_path / rundir.CONFIG).write_text(json.dumps(old))
+  run = RunConfig.from_config(rundir.RunDir(str(tmp_path)).read_config())
+  assert run.train.spike_factor == 0.0          # the guard did not exist
+  assert run.train.stop_fraction == 1.0 and run.stop_step == 600
+  assert run.mesh.dcn_data == -1 and run.train.profile_start == -1
+  assert run.init_from_any_variant is False
+  assert run.mesh.rules == defaults.base_config().mesh.rules  # tuples again
 
 
 def test_only_rundir_spells_the_layout():

@@ -6,25 +6,26 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
+from bitnet_jax.data.batch import Batch
 from bitnet_jax import defaults
+from bitnet_jax.run_config import MeshConfig
 from bitnet_jax.training import sharding
 from bitnet_jax.training import trainer
 
 
 def test_mesh_shapes_and_errors():
-  m = defaults.base_config().mesh
-  assert sharding.mesh_shape(m, 8) == (8, 1, 1)
-  m.update(data=2, fsdp=2, tensor=-1)
-  assert sharding.mesh_shape(m, 8) == (2, 2, 2)
-  m.update(data=3, fsdp=1, tensor=1)
+  base = defaults.base_config().mesh
+
+  def mesh(**sizes):
+    return MeshConfig(**dict(base, **sizes))
+  assert sharding.mesh_shape(mesh(), 8) == (8, 1, 1)
+  assert sharding.mesh_shape(mesh(data=2, fsdp=2, tensor=-1), 8) == (2, 2, 2)
   with pytest.raises(ValueError, match="needs 3 devices, but there are 8"):
-    sharding.mesh_shape(m, 8)
-  m.update(data=-1, fsdp=3)
+    sharding.mesh_shape(mesh(data=3, fsdp=1, tensor=1), 8)
   with pytest.raises(ValueError, match="does not divide the 8 devices"):
-    sharding.mesh_shape(m, 8)
-  m.update(data=-1, fsdp=-1)
+    sharding.mesh_shape(mesh(data=-1, fsdp=3), 8)
   with pytest.raises(ValueError, match="at most one -1"):
-    sharding.mesh_shape(m, 8)
+    mesh(data=-1, fsdp=-1)
 
 
 def small_config(mesh=(1, 1, 1), variant="v2", microbatches=1):
@@ -78,9 +79,9 @@ def run_steps(config, devices, n=20):
     start = rng.integers(0, 128, (8, 1))
     stride = rng.integers(1, 4, (8, 1))
     return ((start + stride * np.arange(17)) % 128).astype(np.int32)
-  batches = [{"tokens": rows()} for _ in range(n)]
+  batches = [Batch(rows()) for _ in range(n)]
   with setup.context():
-    state, _, _ = trainer.initial_state(setup, config, _NoCheckpoints(), None)
+    state, _, _ = trainer.initial_state(setup, _NoCheckpoints(), None)
     losses = []
     for b in batches:
       state, m = setup.steps[8](state, sharding.global_batch(b, setup.mesh))

@@ -43,8 +43,8 @@ def test_training_stream_from_tfds(built, small_tokenizer):
   it = iter(data.train_dataset(split.train, small_tokenizer, cfg, seq_len=15,
                                seed=0))
   batch = next(it)
-  assert batch["tokens"].shape == (2, 16)
-  first = batch["tokens"][0]
+  assert batch.tokens.shape == (2, 16)
+  first = batch.tokens[0]
   assert first[0] == small_tokenizer.bos_id  # rows start at a document
   text = small_tokenizer.decode(first[1:])
   assert any(doc.startswith(text) for doc in split.train)

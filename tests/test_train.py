@@ -19,6 +19,7 @@ from bitnet_jax import checkpoint as ckpt_lib
 from bitnet_jax.training import optimizer
 from bitnet_jax.training import trainer
 from bitnet_jax.model import ModelConfig, Transformer
+from bitnet_jax.run_config import RunConfig
 
 from conftest import SMALL, small_run_config, subprocess_env
 
@@ -141,7 +142,7 @@ def test_a8_to_a4_init_from(tmp_path, corpus_file):
   assert summary["origin"] == "init_from" and summary["start_step"] == 20
   recs = losses(a4_dir)
   assert sorted(recs) == list(range(21, 31))
-  sched = optimizer.lr_schedule(a4.opt, 30)
+  sched = optimizer.lr_schedule(RunConfig.from_config(a4).opt, 30)
   for s, rec in recs.items():
     assert rec["act_bits"] == 4
     assert rec["lr"] == pytest.approx(float(sched(s - 1)), rel=1e-6, abs=1e-9)

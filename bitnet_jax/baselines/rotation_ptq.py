@@ -244,7 +244,7 @@ def quantize(pre, method: str, fuse: bool, *, act_bits: int = 4,
 def write_run(pre, out: str, cfg: ModelConfig, params, info: dict) -> None:
   """Write the PTQ model as a run directory the evaluation tools read."""
   from bitnet_jax import checkpoint as ckpt_lib
-  config = pre.config.copy_and_resolve_references()
+  config = pre.run.to_config()
   config.quant.act_bits = cfg.act_bits
   config.quant.a4_start_step = -1
   config.quant.ptq_rotation = cfg.ptq_rotation

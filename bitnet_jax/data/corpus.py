@@ -31,8 +31,8 @@ from etils import epath
 
 from bitnet_jax import storage
 from bitnet_jax.errors import ConfigError, InputError, MissingField, MissingInput
+from bitnet_jax.run_config import DataConfig
 
-SOURCES = ("stdlib", "text", "jsonl", "tfds")
 _BLANK_LINES = re.compile(r"\n[ \t\r\f\v]*\n")
 
 
@@ -199,7 +199,7 @@ def split_train_eval(docs: list[str], fraction: float
   return train, held
 
 
-def load_local_documents(data) -> tuple[list[str], str]:
+def load_local_documents(data: DataConfig) -> tuple[list[str], str]:
   """All documents of a stdlib/text/jsonl source, in a deterministic order."""
   if data.source == "stdlib":
     files = stdlib_files()
@@ -218,8 +218,8 @@ def load_local_documents(data) -> tuple[list[str], str]:
     for f in files:
       docs.extend(read_jsonl(f, data.text_field))
     desc = f"JSON-lines ({len(files)}: {data.paths}, field {data.text_field!r})"
-  else:
-    raise ConfigError(f"data.source must be one of {SOURCES}, got {data.source!r}")
+  else:  # RunConfig checked data.source; tfds is not a local source
+    raise ValueError(f"data.source {data.source!r} is not a local source")
   if not docs:
     raise InputError(f"the corpus has no documents: {desc}")
   if data.max_docs:
@@ -227,11 +227,9 @@ def load_local_documents(data) -> tuple[list[str], str]:
   return docs, desc
 
 
-def load_corpus(data) -> Corpus:
+def load_corpus(data: DataConfig) -> Corpus:
   """The train and held-out documents that config.data describes."""
   if data.source == "tfds":
-    if not data.tfds_name:
-      raise ConfigError("data.source is tfds but data.tfds_name is empty")
     train = TfdsText(data.tfds_name, data.tfds_train_split, data.tfds_data_dir,
                      data.text_field)
     held = TfdsText(data.tfds_name, data.tfds_eval_split, data.tfds_data_dir,

@@ -15,8 +15,8 @@ Training pipeline (grain Dataset API):
      holds consecutive chunks of one or two long documents)
   -> batch (global batch / process count rows) -> prefetch (a thread, or
      worker processes when data.worker_count > 0).
-Batches are dicts of numpy int32 arrays [batch, seq_len + 1]: `tokens`, plus
-`segment_ids` and `positions` with first_fit.
+Batches are `batch.Batch`es of numpy int32 arrays [batch, seq_len + 1]:
+`tokens`, plus `segment_ids` and `positions` with first_fit.
 
 The iterator is a grain DatasetIterator: `get_state()` / `set_state()` (JSON)
 resume exactly where it stopped; orbax saves it through grain's
@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Iterator, Sequence
+from typing import Iterator, Sequence
 
 from absl import flags
 import grain
@@ -34,9 +34,10 @@ import grain.experimental as grain_exp
 import numpy as np
 
 from bitnet_jax.errors import ConfigError, InputError
+from bitnet_jax.data.batch import Batch
 from bitnet_jax.data.tokenizer import Tokenizer
+from bitnet_jax.run_config import DataConfig
 
-PACKINGS = ("concat", "first_fit")
 
 
 class TokenizeDocument(grain.transforms.Map):
@@ -125,8 +126,6 @@ def packed_rows(docs: Sequence[str], tokenizer: Tokenizer, *, row_len: int,
   Rows carry `tokens`, `segment_ids` (0 marks padding, which only the last row
   of a finite stream or first-fit bins have) and `positions`.
   """
-  if packing not in PACKINGS:
-    raise ConfigError(f"data.packing must be one of {PACKINGS}, got {packing!r}")
   ds = grain.MapDataset.source(docs)[process_index::process_count]
   if shuffle:
     ds = ds.shuffle(seed=seed)
@@ -159,7 +158,7 @@ def check_enough_tokens(docs: Sequence[str], tokenizer: Tokenizer, need: int,
                    f"(seq_len + 1)); use more data or a smaller batch/seq_len")
 
 
-def train_dataset(docs: Sequence[str], tokenizer: Tokenizer, data, *,
+def train_dataset(docs: Sequence[str], tokenizer: Tokenizer, data: DataConfig, *,
                   seq_len: int, seed: int, process_index: int = 0,
                   process_count: int = 1) -> grain.IterDataset:
   """The infinite, shuffled, packed, batched and prefetched training stream."""
@@ -175,7 +174,7 @@ def train_dataset(docs: Sequence[str], tokenizer: Tokenizer, data, *,
   if data.shuffle_rows > 1:
     it = grain_exp.WindowShuffleIterDataset(it, window_size=data.shuffle_rows,
                                             seed=seed + 1)
-  it = it.batch(batch, drop_remainder=True)
+  it = it.batch(batch, drop_remainder=True).map(Batch.from_rows)
   if data.worker_count > 0:
     if not flags.FLAGS.is_parsed():  # grain reads absl flags in its workers
       flags.FLAGS.mark_as_parsed()
@@ -186,9 +185,9 @@ def train_dataset(docs: Sequence[str], tokenizer: Tokenizer, data, *,
   return JsonSafeStates(it)
 
 
-def eval_batches(docs: Sequence[str], tokenizer: Tokenizer, data, *,
+def eval_batches(docs: Sequence[str], tokenizer: Tokenizer, data: DataConfig, *,
                  seq_len: int, num_batches: int, process_index: int = 0,
-                 process_count: int = 1) -> list[dict[str, np.ndarray]]:
+                 process_count: int = 1) -> list[Batch]:
   """A fixed list of held-out batches (the same at every evaluation).
 
   Documents are read in order (no shuffle); a held-out split smaller than
@@ -205,19 +204,16 @@ def eval_batches(docs: Sequence[str], tokenizer: Tokenizer, data, *,
                      num_bins=batch)
   if data.packing == "concat":
     rows = rows.map(_tokens_only)
-  out, it = [], iter(rows.batch(batch, drop_remainder=True))
-  for _ in range(num_batches):
-    out.append(next(it))
-  return out
+  it = iter(rows.batch(batch, drop_remainder=True))
+  return [Batch.from_rows(next(it)) for _ in range(num_batches)]
 
 
-def measure_throughput(iterator: Iterator[dict[str, Any]], num_batches: int
-                       ) -> float:
+def measure_throughput(iterator: Iterator[Batch], num_batches: int) -> float:
   """Tokens per second the iterator delivers (after one warm-up batch)."""
   next(iterator)
   start, tokens = time.perf_counter(), 0
   for _ in range(num_batches):
-    tokens += next(iterator)["tokens"].size
+    tokens += next(iterator).num_tokens
   rate = tokens / (time.perf_counter() - start)
   logging.info("data pipeline: %.0f tokens/s", rate)
   return rate

@@ -12,7 +12,7 @@ from bitnet_jax.evaluation.perplexity import Documents
 
 FLAGS = flags.FLAGS
 DOCUMENT_SOURCES = ("heldout", "text", "jsonl", "tfds")  # heldout: the run's split
-# (corpus.SOURCES are the training data's: stdlib, text, jsonl, tfds)
+# (run_config.SOURCES are the training data's: stdlib, text, jsonl, tfds)
 
 
 def define_document_flags(prefix: str = "", *, sources=DOCUMENT_SOURCES,

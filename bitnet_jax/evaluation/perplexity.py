@@ -117,19 +117,19 @@ class Documents:
 def corpus_documents(pre, select: Documents) -> tuple[list[str], str]:
   """(documents, description) of `select`, read with the run's data config."""
   from bitnet_jax.data import corpus
-  data = pre.config.data.copy_and_resolve_references()
+  data = pre.run.data
   if select.source != "heldout":
-    data.source = select.source
-    data.update(paths=select.paths, text_field=select.text_field,
-                doc_split=select.doc_split, tfds_name=select.tfds_name,
-                tfds_data_dir=select.tfds_data_dir, max_docs=0)
+    data = data.replace(source=select.source, paths=select.paths,
+                        text_field=select.text_field,
+                        doc_split=select.doc_split, tfds_name=select.tfds_name,
+                        tfds_data_dir=select.tfds_data_dir, max_docs=0)
   # Default split: a file given by path means the whole file; the run's own
   # data means its held-out documents; TFDS its eval split.
   which = select.split or ("all" if select.source in ("text", "jsonl")
                            else "eval")
   if data.source == "tfds":
     if which not in ("eval", "train"):
-      data.tfds_eval_split = which
+      data = data.replace(tfds_eval_split=which)
     split = corpus.load_corpus(data)
     docs = split.train if which == "train" else split.eval
   else:

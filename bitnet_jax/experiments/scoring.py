@@ -127,8 +127,7 @@ def score_ptq(name: str, method: str, fuse: bool, out: str, s: study.Settings,
     source = pretrained.load(os.path.join(out, "runs", "b1.58_a8"))
     rows = None
     if method == "spinquant":
-      data = source.config.data.copy_and_resolve_references()
-      train_docs = corpus.load_corpus(data).train
+      train_docs = corpus.load_corpus(source.run.data).train
       rows = ptq.calibration_rows(source.tokenizer, train_docs,
                                   s.calib_samples, source.model_cfg.seq_len)
     cfg, params, info = ptq.quantize(

@@ -78,7 +78,8 @@ def import_checkpoint(hf_dir: str, workdir: str, seq_len: int = 0,
                      f"{to_variant!r}")
   import jax
   from bitnet_jax.data import tokenizer as tokenizer_lib
-  from bitnet_jax.model import ModelConfig, param_shapes
+  from bitnet_jax.model import param_shapes
+  from bitnet_jax.run_config import RunConfig
   from bitnet_jax import checkpoint as ckpt_lib
   from bitnet_jax.training import optimizer, train_step
   root = epath.Path(hf_dir)
@@ -91,7 +92,8 @@ def import_checkpoint(hf_dir: str, workdir: str, seq_len: int = 0,
     config = run_config(hf_config, seq_len, to_variant)
   except (KeyError, ValueError) as e:
     raise InputError(f"{path}: {e}") from None
-  model_cfg = ModelConfig.from_config(config)  # v2: checks Hadamard sizes
+  typed = RunConfig.from_config(config)  # v2: checks Hadamard sizes
+  model_cfg = typed.model
   tok_path = root / rundir.TOKENIZER_JSON
   if not tok_path.exists():  # a sentencepiece model (our exports)
     tok_path = root / rundir.TOKENIZER
@@ -120,7 +122,7 @@ def import_checkpoint(hf_dir: str, workdir: str, seq_len: int = 0,
   if to_variant == "v2":
     params = weights.rotate_for_v2(params, model_cfg.hadamard_block_size)
   params = jax.tree.map(jax.numpy.asarray, params)
-  tx = optimizer.make_optimizer(config.opt, config.train.num_steps)
+  tx = optimizer.make_optimizer(typed.opt, typed.train.num_steps)
   state = train_step.TrainState(step=jax.numpy.zeros((), jax.numpy.int32),
                                 params=params, opt_state=tx.init(params))
   run = rundir.RunDir(workdir)

@@ -126,7 +126,7 @@ def export(pre, out_dir: str, weights: str = "packed",
       stored, run.path / WEIGHTS_FILE,
       metadata={"model": json.dumps(model), "dtypes": json.dumps(dtypes),
                 "format": "bitnet_jax/1"})
-  run.write_config(pre.config)
+  run.write_config(pre.run.to_config())
   pre.tokenizer.save(run.path / pre.tokenizer.filename)
   report = size_report(pre.params, exported)
   report.update(file_bytes=nbytes, weights=weights,

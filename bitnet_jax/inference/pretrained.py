@@ -21,10 +21,11 @@ import ml_collections
 import orbax.checkpoint as ocp
 
 from bitnet_jax import checkpoint as ckpt_lib
-from bitnet_jax import rundir
+from bitnet_jax import rundir, run_config
 from bitnet_jax.data import tokenizer as tokenizer_lib
 from bitnet_jax.errors import ConfigError, MissingInput, reason
 from bitnet_jax.model import ModelConfig, Transformer, param_shapes
+from bitnet_jax.run_config import RunConfig
 from bitnet_jax.loss import token_nll
 
 OVERRIDABLE = ("act_bits", "q_bits", "kv_bits", "hadamard_block_size",
@@ -33,8 +34,8 @@ OVERRIDABLE = ("act_bits", "q_bits", "kv_bits", "hadamard_block_size",
 
 @dataclasses.dataclass
 class Pretrained:
-  config: ml_collections.ConfigDict
-  model_cfg: ModelConfig
+  run: RunConfig                 # the run's config (config.json, migrated)
+  model_cfg: ModelConfig         # the model as this step computes it
   params: Any
   tokenizer: tokenizer_lib.Tokenizer
   step: int
@@ -66,23 +67,13 @@ class Pretrained:
     return jax.jit(score)
 
 
-def trained_bits(config, step: int) -> int:
-  """Activation bits of the last update before checkpoint `step` (step N
-  holds N updates): 4 once a run that switches (quant.a4_start_step) has
-  made a 4-bit update, else quant.act_bits."""
-  a4 = config.quant.get("a4_start_step", -1)
-  if a4 is not None and a4 >= 0 and step - 1 >= a4:
-    return 4
-  return config.quant.act_bits
-
-
 def load(workdir: str, *, step: int | None = None,
-         config: ml_collections.ConfigDict | None = None,
+         config: RunConfig | ml_collections.ConfigDict | None = None,
          **overrides) -> Pretrained:
   """Load a run's params (no optimizer state) and tokenizer."""
-  run = rundir.RunDir(workdir)
-  config = config or run.read_config()
-  model_cfg = ModelConfig.from_config(config).replace(remat="none")
+  directory_of_run = rundir.RunDir(workdir)
+  run = run_config.parse(config or directory_of_run.read_config())
+  model_cfg = run.model.replace(remat="none")
   directory, latest = ckpt_lib.resolve_checkpoint(workdir)
   step = latest if step is None else step
   if not (directory / str(step) / "state").exists():
@@ -107,7 +98,7 @@ def load(workdir: str, *, step: int | None = None,
     reader.close()
   ckpt_lib.check_param_shapes(saved, abstract,
                               f"{directory / str(step)} vs its config")
-  model_cfg = model_cfg.replace(act_bits=trained_bits(config, step))
+  model_cfg = model_cfg.replace(act_bits=run.trained_bits(step))
   device = jax.sharding.SingleDeviceSharding(jax.devices()[0])
   item = {"params": abstract}
   try:
@@ -118,7 +109,7 @@ def load(workdir: str, *, step: int | None = None,
                 lambda _: ocp.ArrayRestoreArgs(sharding=device), item)))
   except Exception as e:
     raise unreadable(e) from e
-  tokenizer = tokenizer_lib.load(run.tokenizer_path(config))
-  pre = Pretrained(config, model_cfg, restored["params"], tokenizer, step,
+  tokenizer = tokenizer_lib.load(directory_of_run.tokenizer_path(run.data))
+  pre = Pretrained(run, model_cfg, restored["params"], tokenizer, step,
                    workdir)
   return pre.with_model(**overrides) if overrides else pre

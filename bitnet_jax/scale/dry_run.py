@@ -24,6 +24,7 @@ devices, or for a TPU slice that libtpu describes (`v5p:4x4x4`, `v5e:16x16`,
 """
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import os
@@ -35,6 +36,7 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax import chips as chips_lib
+from bitnet_jax import run_config
 from bitnet_jax.scale import gpu_topology
 from bitnet_jax.scale import hlo_flops, hlo_stats, hlo_text
 from bitnet_jax.training import sharding
@@ -110,11 +112,11 @@ def model_flops_per_token(setup) -> tuple[float, float]:
   return setup.flops_per_token, setup.flops_per_token + remat
 
 
-def zero3_payload(setup, config) -> float:
-  return sum(zero3_payload_by_axis(setup, config).values())
+def zero3_payload(setup) -> float:
+  return sum(zero3_payload_by_axis(setup).values())
 
 
-def zero3_payload_by_axis(setup, config) -> dict[str, float]:
+def zero3_payload_by_axis(setup) -> dict[str, float]:
   """Collective payload bytes per chip the layout needs for one step, at
   least: a weight sharded over `fsdp` (ZeRO-3) is gathered in the compute
   dtype for the forward pass, again for the rematerialised one, and its
@@ -141,7 +143,7 @@ def zero3_payload_by_axis(setup, config) -> dict[str, float]:
     fsdp = math.prod(setup.mesh.shape[a] for a in axes if a == "fsdp")
     if fsdp > 1:
       total["fsdp"] += (local * fsdp * (gathered * gathers + itemsize)
-                        * config.train.microbatches)
+                        * setup.run.train.microbatches)
     if data > 1:
       total["data"] += local * itemsize
   return total
@@ -183,14 +185,16 @@ def roofline(stats: hlo_stats.ProgramStats, chip: chips_lib.Chip) -> dict:
 
 
 def compile_step(config, devices):
-  """(setup, compiled train step, seconds to compile) for `devices`."""
+  """(setup, compiled train step, seconds to compile) for `devices`
+  (config: a RunConfig, or a ConfigDict parsed here)."""
   from bitnet_jax.training import run_setup
   setup = run_setup.build(config, devices)
   bits = setup.model_cfg.act_bits
   start = time.time()
   with setup.context():
     lowered = setup.steps[bits].lower(setup.abstract,
-                                      run_setup.abstract_batch(config, setup.mesh))
+                                      run_setup.abstract_batch(setup.run,
+                                                               setup.mesh))
     try:
       compiled = lowered.compile()
     except Exception as e:  # the TPU compiler refuses what cannot fit
@@ -206,24 +210,23 @@ def compile_step(config, devices):
 def report(config, topology: str = "", num_slices: int = 1) -> dict[str, Any]:
   """Compile the step for `topology` (num_slices copies of it, joined along
   data parallelism: mesh.dcn_data) and return the per-chip report."""
+  run = run_config.parse(config)
   if num_slices > 1:
-    dcn = config.mesh.get("dcn_data", 1)
+    dcn = run.mesh.dcn_data
     if dcn not in (1, -1, num_slices):
       raise TopologyError(f"--num_slices={num_slices} but mesh.dcn_data={dcn}")
-    config = config.copy_and_resolve_references()
-    config.mesh.dcn_data = num_slices
+    run = run.replace(mesh=dataclasses.replace(run.mesh, dcn_data=num_slices))
   devices, chip = topology_devices(topology, num_slices)
   if gpu_topology.is_gpu_topology(topology) and not gpu_topology.cudnn_available():
-    from bitnet_jax.model import ModelConfig
-    if ModelConfig.from_config(config).for_platform(
+    if run.model.for_platform(
         "gpu").attention_impl == "cudnn":
       raise TopologyError(
           f"--topology={topology}: cuDNN attention compiles with the cuDNN "
           "library: pip install -r requirements-gpu-compile.txt (or "
           "--config.model.attention_impl=xla)")
-  setup, compiled, seconds = compile_step(config, devices)
+  setup, compiled, seconds = compile_step(run, devices)
   label = topology + (f" x {num_slices} slices" if num_slices > 1 else "")
-  return summarize(config, setup, compiled, chip, label, seconds)
+  return summarize(setup, compiled, chip, label, seconds)
 
 
 def by_dtype(stats: hlo_stats.ProgramStats) -> dict[str, float]:
@@ -238,7 +241,7 @@ def by_dtype(stats: hlo_stats.ProgramStats) -> dict[str, float]:
   return out
 
 
-def summarize(config, setup, compiled, chip: chips_lib.Chip | None,
+def summarize(setup, compiled, chip: chips_lib.Chip | None,
               topology: str = "", seconds: float = 0.0) -> dict[str, Any]:
   devices = list(setup.mesh.devices.flat)
   n = len(devices)
@@ -247,7 +250,7 @@ def summarize(config, setup, compiled, chip: chips_lib.Chip | None,
       "topology": topology or f"{n} x {devices[0].device_kind}",
       "chip": chip.name if chip else devices[0].device_kind,
       "devices": n, "mesh": dict(setup.mesh.shape),
-      "microbatches": config.train.microbatches,
+      "microbatches": setup.run.train.microbatches,
       "params": setup.params_total, "compile_s": round(seconds, 1),
       "argument_gib": mem.argument_size_in_bytes / GIB,
       "output_gib": mem.output_size_in_bytes / GIB,
@@ -262,7 +265,7 @@ def summarize(config, setup, compiled, chip: chips_lib.Chip | None,
   text = compiled.as_text()
   stats = hlo_stats.analyze(text, n, sharding.network_granules(devices))
   hosts = len(set(sharding.network_granules(devices)))
-  tokens = config.data.batch_size * config.model.seq_len / n
+  tokens = setup.run.tokens_per_step / n
   model_fpt, needed_fpt = model_flops_per_token(setup)
   out.update(
       tokens_per_chip=tokens, model_flops=model_fpt * tokens,
@@ -270,8 +273,8 @@ def summarize(config, setup, compiled, chip: chips_lib.Chip | None,
       program_flops_by_dtype=stats.flops, hbm_bytes=stats.hbm_bytes,
       collectives=stats.by_kind(), collectives_by_dtype=by_dtype(stats),
       collective_payload=stats.collective_bytes(),
-      zero3_payload=zero3_payload(setup, config),
-      zero3_payload_by_axis=zero3_payload_by_axis(setup, config),
+      zero3_payload=zero3_payload(setup),
+      zero3_payload_by_axis=zero3_payload_by_axis(setup),
       unknown_trip_counts=stats.unknown_trip_counts,
       hosts=hosts, attention=attention_calls(text),
       custom_calls=custom_calls(text))

@@ -60,6 +60,7 @@ def train_config(variant: str, matmul: str, attention: str, smoke: bool):
 def measure_train(rounds: int, smoke: bool) -> dict:
   from bitnet_jax import chips
   from bitnet_jax.scale import dry_run
+  from bitnet_jax.data.batch import Batch
   from bitnet_jax.training import run_setup
   from bitnet_jax.training import train_step as step_lib
   device = jax.devices()[0]
@@ -80,10 +81,10 @@ def measure_train(rounds: int, smoke: bool) -> dict:
         0, config.model.vocab_size,
         (config.data.batch_size, config.model.seq_len + 1)), jnp.int32)
     step = jax.jit(step_lib.make_train_step(model, setup.tx))
-    compiled = step.lower(state, {"tokens": tokens}).compile()
-    r = dry_run.summarize(config, setup, compiled, chip, "1 device")
+    compiled = step.lower(state, Batch(tokens)).compile()
+    r = dry_run.summarize(setup, compiled, chip, "1 device")
     fns[name] = functools.partial(lambda f, s, b: f(s, b)[1], compiled, state,
-                                  {"tokens": tokens})
+                                  Batch(tokens))
     out[name] = {"model_flops": r["model_flops"], "attention": r["attention"],
                  "estimate_s": r.get("estimate", {}).get("step_s"),
                  "temp_gib": r["temp_gib"]}

@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitnet_jax.checkpoint import CheckpointError
+from bitnet_jax.data.batch import Batch
 
 OFFSET = "offset"          # the BitLinear parameter
 MEAN = "rotated_mean"      # what a centred BitLinear sows: mean of H x
@@ -55,11 +56,10 @@ def needs_calibration(params) -> bool:
 
 def make_means(model):
   """jitted (params, batch) -> {offset path: mean of H x over the tokens}."""
-  from bitnet_jax.training.train_step import split_batch
 
-  def means(params, batch):
-    inputs, _, positions, seg, _ = split_batch(batch)
-    _, state = model.apply({"params": params}, inputs, positions, seg,
+  def means(params, batch: Batch):
+    _, state = model.apply({"params": params}, batch.inputs,
+                           batch.input_positions, batch.input_segments,
                            mutable=["intermediates"])
     out = {}
     for path, x in jax.tree_util.tree_flatten_with_path(

@@ -23,23 +23,7 @@ import jax.numpy as jnp
 import optax
 
 from bitnet_jax import sites
-from bitnet_jax.errors import ConfigError
-
-
-def stage2_start_step(opt, num_steps: int) -> int:
-  return int(round(opt.stage2_start * num_steps))
-
-
-def _check(opt, num_steps: int) -> int:
-  mid = stage2_start_step(opt, num_steps)
-  if num_steps <= 0:
-    raise ConfigError(f"train.num_steps must be positive, got {num_steps}")
-  if not 0 <= opt.warmup_steps <= mid <= num_steps:
-    raise ConfigError(f"need 0 <= opt.warmup_steps ({opt.warmup_steps}) <= "
-                     f"stage-2 start ({mid}) <= train.num_steps ({num_steps})")
-  if opt.lr_shape not in ("linear", "cosine"):
-    raise ConfigError(f"opt.lr_shape must be linear or cosine, got {opt.lr_shape!r}")
-  return mid
+from bitnet_jax.run_config import OptConfig
 
 
 def _decay(init: float, end: float, steps: int, shape: str) -> optax.Schedule:
@@ -53,8 +37,9 @@ def _decay(init: float, end: float, steps: int, shape: str) -> optax.Schedule:
   return cosine
 
 
-def lr_schedule(opt, num_steps: int) -> optax.Schedule:
-  mid = _check(opt, num_steps)
+def lr_schedule(opt: OptConfig, num_steps: int) -> optax.Schedule:
+  """(The ranges are RunConfig's: warm-up <= stage-2 start <= num_steps.)"""
+  mid = opt.stage2_start_step(num_steps)
   stage1_end = opt.lr_stage1_end
   if stage1_end < 0:
     stage1_end = 0.5 * (opt.lr + opt.lr_stage2)
@@ -64,8 +49,8 @@ def lr_schedule(opt, num_steps: int) -> optax.Schedule:
   return optax.join_schedules([warm, stage1, stage2], [opt.warmup_steps, mid])
 
 
-def wd_schedule(opt, num_steps: int) -> optax.Schedule:
-  mid = _check(opt, num_steps)
+def wd_schedule(opt: OptConfig, num_steps: int) -> optax.Schedule:
+  mid = opt.stage2_start_step(num_steps)
   return optax.join_schedules([optax.constant_schedule(opt.weight_decay),
                                optax.constant_schedule(opt.weight_decay_stage2)],
                               [mid])
@@ -78,7 +63,7 @@ def decay_mask(params):
       lambda path, _: sites.is_weight_matrix(sites.path_keys(path)), params)
 
 
-def make_optimizer(opt, num_steps: int) -> optax.GradientTransformation:
+def make_optimizer(opt: OptConfig, num_steps: int) -> optax.GradientTransformation:
   """clip_by_global_norm -> AdamW with scheduled learning rate and decay."""
   adamw = optax.inject_hyperparams(optax.adamw, static_args=("mask",))(
       learning_rate=lr_schedule(opt, num_steps),

@@ -10,21 +10,23 @@ import jax
 from bitnet_jax import rundir, run_identity
 from bitnet_jax.errors import MissingInput
 from bitnet_jax import checkpoint as ckpt_lib
+from bitnet_jax.run_config import RunConfig
 
 
-def check_identity(config, workdir: str) -> list[tuple]:
+def check_identity(run: RunConfig, workdir: str) -> list[tuple]:
   """Refuse a restart or an init_from that changes what the run is
-  (run_identity.py); the other fields this restart changes."""
-  run = rundir.RunDir(workdir)
-  if ckpt_lib.has_checkpoint(workdir) and (run / rundir.CONFIG).exists():
-    return run_identity.check_restart(run.read_config(), config, workdir)
-  if config.init_from:
+  (run_identity.py, which compares config.json layouts); the other fields
+  this restart changes."""
+  directory, config = rundir.RunDir(workdir), run.to_config()
+  if ckpt_lib.has_checkpoint(workdir) and (directory / rundir.CONFIG).exists():
+    return run_identity.check_restart(directory.read_config(), config, workdir)
+  if run.init_from:
     try:
-      ckpt_lib.resolve_checkpoint(config.init_from)
+      ckpt_lib.resolve_checkpoint(run.init_from)
     except FileNotFoundError as e:
       raise MissingInput(f"init_from: {e}") from None
-    run_identity.check_init_from(run_identity.source_config(config.init_from),
-                                 config, config.init_from)
+    run_identity.check_init_from(run_identity.source_config(run.init_from),
+                                 config, run.init_from)
   return []
 
 

@@ -23,6 +23,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from bitnet_jax.errors import ConfigError
 from bitnet_jax.partitioning import BATCH_AXES, MESH_AXES
+from bitnet_jax.data.batch import Batch
+from bitnet_jax.run_config import MeshConfig
 
 
 def network_granules(devices: Sequence[Any]) -> list[int]:
@@ -64,20 +66,17 @@ def process_hosts() -> list[int]:
 _PROCESS_HOSTS: list[list[int]] = []
 
 
-def slices(mesh_cfg, devices: Sequence[Any] | None = None) -> int:
+def slices(mesh_cfg: MeshConfig, devices: Sequence[Any] | None = None) -> int:
   """mesh.dcn_data: slices (TPU) or hosts (GPU) along data. -1 (auto): as
   many as the devices span, so that a multi-host GPU run is HSDP (FSDP and
   tensor parallelism within a host, data parallelism between hosts) and a
   multi-slice TPU run keeps FSDP on ICI; 1 without devices to look at."""
-  dcn = int(mesh_cfg.get("dcn_data", 1))
-  if dcn == -1:
+  if mesh_cfg.dcn_data == -1:
     return len(set(network_granules(devices))) if devices else 1
-  if dcn < 1:
-    raise ConfigError(f"mesh.dcn_data must be >= 1 or -1 (auto), got {dcn}")
-  return dcn
+  return mesh_cfg.dcn_data
 
 
-def mesh_shape(mesh_cfg, num_devices: int,
+def mesh_shape(mesh_cfg: MeshConfig, num_devices: int,
                dcn: int | None = None) -> tuple[int, int, int]:
   """(data, fsdp, tensor) of the whole mesh: the sizes apply per slice
   (mesh.dcn_data slices), and the slices multiply the data axis."""
@@ -89,12 +88,9 @@ def mesh_shape(mesh_cfg, num_devices: int,
   return data * dcn, fsdp, tensor
 
 
-def _slice_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
-  sizes = [int(mesh_cfg[a]) for a in MESH_AXES]
+def _slice_shape(mesh_cfg: MeshConfig, num_devices: int) -> tuple[int, int, int]:
+  sizes = list(mesh_cfg.sizes())  # MeshConfig: positive, at most one -1
   fills = [i for i, s in enumerate(sizes) if s == -1]
-  if len(fills) > 1 or any(s == 0 or s < -1 for s in sizes):
-    raise ConfigError(f"mesh {dict(zip(MESH_AXES, sizes))}: sizes must be "
-                     "positive, with at most one -1 (fill)")
   fixed = math.prod(s for s in sizes if s != -1)
   if fills:
     if num_devices % fixed:
@@ -107,7 +103,7 @@ def _slice_shape(mesh_cfg, num_devices: int) -> tuple[int, int, int]:
   return tuple(sizes)
 
 
-def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
+def make_mesh(mesh_cfg: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
   """The (data, fsdp, tensor) mesh. With mesh.dcn_data = S > 1 the data axis
   is S slices x the per-slice data size (slices outermost, from each
   device's slice_index): only data-parallel collectives (the gradient
@@ -138,15 +134,9 @@ def make_mesh(mesh_cfg, devices: Sequence[jax.Device] | None = None) -> Mesh:
   return Mesh(arr, MESH_AXES)
 
 
-def logical_rules(mesh_cfg) -> tuple[tuple[str, Any], ...]:
-  rules = []
-  for logical, axes in mesh_cfg.rules:
-    axes = tuple(axes) if isinstance(axes, (list, tuple)) else axes
-    for a in (axes if isinstance(axes, tuple) else (axes,)):
-      if a is not None and a not in MESH_AXES:
-        raise ConfigError(f"mesh.rules: {logical!r} -> unknown mesh axis {a!r}")
-    rules.append((logical, axes))
-  return tuple(rules)
+def logical_rules(mesh_cfg: MeshConfig) -> tuple[tuple[str, Any], ...]:
+  """logical axis -> mesh axes (checked against MESH_AXES by MeshConfig)."""
+  return mesh_cfg.rules
 
 
 def state_shardings(abstract_boxed_state, mesh: Mesh, rules) -> Any:
@@ -163,21 +153,16 @@ def replicated(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P())
 
 
-def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+def global_batch(local: Batch, mesh: Mesh) -> Batch:
   """Assemble the global batch from this process's rows (no host gather)."""
   sharding = batch_sharding(mesh)
-  out = {}
-  for key, value in local.items():
-    global_shape = (value.shape[0] * jax.process_count(), *value.shape[1:])
-    out[key] = jax.make_array_from_process_local_data(sharding, value,
-                                                      global_shape)
-  return out
+  return local.map(lambda value: jax.make_array_from_process_local_data(
+      sharding, value, (value.shape[0] * jax.process_count(),
+                        *value.shape[1:])))
 
 
 def check_batch_divides(batch_size: int, mesh: Mesh, microbatches: int = 1) -> None:
   shards = math.prod(mesh.shape[a] for a in BATCH_AXES)
-  if microbatches < 1:
-    raise ConfigError(f"train.microbatches must be >= 1, got {microbatches}")
   if batch_size % (shards * microbatches):
     raise ConfigError(f"data.batch_size {batch_size} is not divisible by the "
                      f"{shards} batch shards of mesh {dict(mesh.shape)} times "

@@ -14,12 +14,13 @@ import uuid
 
 from bitnet_jax import rundir, storage
 from bitnet_jax.errors import ConfigError
+from bitnet_jax.run_config import RunConfig
 
 RUN_ID_FILE = "wandb_run_id"
 
 
 class WandbTracker:
-  def __init__(self, project: str, workdir: str, config):
+  def __init__(self, project: str, workdir: str, config: RunConfig):
     try:
       import wandb
     except ImportError:
@@ -36,7 +37,7 @@ class WandbTracker:
     self.run = wandb.init(project=project, id=run_id, resume="allow",
                           dir=None if storage.is_remote(run.path) else str(run.path),
                           name=run.path.name,
-                          config=config.to_dict())
+                          config=config.to_config().to_dict())
 
   def log(self, step: int, scalars: dict) -> None:
     self.run.log(dict(scalars), step=int(step))
@@ -45,9 +46,9 @@ class WandbTracker:
     self.run.finish()
 
 
-def make_tracker(config, workdir: str, is_leader: bool):
+def make_tracker(config: RunConfig, workdir: str, is_leader: bool):
   """The configured tracker, or None (no project, or not process 0)."""
-  project = config.train.get("wandb_project", "")
+  project = config.train.wandb_project
   if not project or not is_leader:
     return None
   return WandbTracker(project, workdir, config)

@@ -1,10 +1,10 @@
 """Train state, next-token loss, and the train / eval step functions.
 
 The steps are pure functions of (state, batch); run_setup.py jits them with
-explicit in/out shardings and donates the state. A batch is a dict of int32
-[B, L + 1] arrays: `tokens`, optionally `segment_ids` and `positions` (first-fit
-packing). Position t predicts token t + 1; with segments, a target counts only
-when it belongs to the same document as its input and is not padding.
+explicit in/out shardings and donates the state. A batch is a `data.Batch`
+(int32 [B, L + 1] tokens, optionally segment ids and positions from first-fit
+packing; position t predicts token t + 1; its `weights` count a target only
+when it belongs to the same document as its input and is not padding).
 """
 from __future__ import annotations
 
@@ -19,6 +19,7 @@ import optax
 
 from bitnet_jax import chips
 from bitnet_jax.training import optimizer as optimizer_lib
+from bitnet_jax.data.batch import Batch
 from bitnet_jax.loss import token_nll
 from bitnet_jax.model import ModelConfig, Transformer, count_params
 
@@ -50,25 +51,12 @@ def unboxed_init(model, tx) -> Callable[[jax.Array], TrainState]:
   return lambda rng: nn.meta.unbox(init_state(model, tx, rng))
 
 
-def split_batch(batch: dict[str, jax.Array]):
-  """(inputs, targets, positions, segment_ids, weights) of a [B, L + 1] batch."""
-  tokens = batch["tokens"]
-  inputs, targets = tokens[:, :-1], tokens[:, 1:]
-  if "segment_ids" in batch:
-    seg = batch["segment_ids"]
-    seg_in, positions = seg[:, :-1], batch["positions"][:, :-1]
-    weights = ((seg[:, 1:] == seg_in) & (seg[:, 1:] > 0)).astype(jnp.float32)
-  else:
-    seg_in = positions = None
-    weights = jnp.ones(targets.shape, jnp.float32)
-  return inputs, targets, positions, seg_in, weights
-
-
-def loss_fn(params, batch, model: Transformer, normalizer=None):
+def loss_fn(params, batch: Batch, model: Transformer, normalizer=None):
   """Mean next-token NLL (total / normalizer; default: this batch's count)."""
-  inputs, targets, positions, seg, weights = split_batch(batch)
-  logits = model.apply({"params": params}, inputs, positions, seg)
-  nll = token_nll(logits, targets)
+  logits = model.apply({"params": params}, batch.inputs,
+                       batch.input_positions, batch.input_segments)
+  nll = token_nll(logits, batch.targets)
+  weights = batch.weights
   total = jnp.sum(nll * weights)
   count = jnp.sum(weights)
   if normalizer is None:
@@ -76,12 +64,11 @@ def loss_fn(params, batch, model: Transformer, normalizer=None):
   return total / normalizer, (total, count)
 
 
-def microbatch_split(batch, k: int):
+def microbatch_split(batch: Batch, k: int) -> Batch:
   """[B, ...] -> [k, B / k, ...]; microbatch j holds rows j, j + k, ... so each
   device keeps its share of every microbatch (no resharding)."""
-  return jax.tree.map(
-      lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1),
-      batch)
+  return batch.map(
+      lambda x: x.reshape(x.shape[0] // k, k, *x.shape[1:]).swapaxes(0, 1))
 
 
 def make_train_step(model: Transformer, tx: optax.GradientTransformation,
@@ -93,7 +80,7 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
     if microbatches == 1:
       (loss, (_, count)), grads = grad_fn(params, batch, model)
       return loss, count, grads
-    count = jnp.maximum(jnp.sum(split_batch(batch)[-1]), 1.0)
+    count = jnp.maximum(jnp.sum(batch.weights), 1.0)
 
     def accumulate(acc, micro):
       (_, (total, _)), g = grad_fn(params, micro, model, count)
@@ -104,7 +91,7 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
                                      microbatch_split(batch, microbatches))
     return total / count, count, grads
 
-  def train_step(state: TrainState, batch):
+  def train_step(state: TrainState, batch: Batch):
     loss, count, grads = gradients(state.params, batch)
     updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, updates)
@@ -124,7 +111,7 @@ def make_train_step(model: Transformer, tx: optax.GradientTransformation,
 
 
 def make_eval_step(model: Transformer):
-  def eval_step(params, batch):
+  def eval_step(params, batch: Batch):
     _, (total, count) = loss_fn(params, batch, model)
     return total, count
   return eval_step

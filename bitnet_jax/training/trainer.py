@@ -40,6 +40,8 @@ from bitnet_jax.training import restart
 from bitnet_jax.training import metrics as metrics_lib
 from bitnet_jax.training import train_step as step_lib
 from bitnet_jax.training.run_setup import Setup, build
+from bitnet_jax import run_config
+from bitnet_jax.run_config import RunConfig
 from bitnet_jax.training import workdir_lock
 
 
@@ -69,69 +71,71 @@ def barrier(name: str) -> None:
     multihost_utils.sync_global_devices(name)
 
 
-def load_tokenizer(config, workdir: str, corpus) -> tokenizer_lib.Tokenizer:
+def load_tokenizer(run: RunConfig, workdir: str, corpus
+                   ) -> tokenizer_lib.Tokenizer:
   """The configured .model; else this workdir's cached one; else (a4 runs) the
   init_from run's; else one trained on a sample of the training documents."""
   own = rundir.RunDir(workdir).own_tokenizer
-  if not config.data.tokenizer and config.init_from and not own.exists():
-    ckpt_dir, _ = ckpt_lib.resolve_checkpoint(config.init_from)
+  if not run.data.tokenizer and run.init_from and not own.exists():
+    ckpt_dir, _ = ckpt_lib.resolve_checkpoint(run.init_from)
     theirs = rundir.RunDir(ckpt_dir.parent).own_tokenizer
     if theirs.exists() and jax.process_index() == 0:
       theirs.copy(rundir.RunDir(workdir).path / theirs.name)
     barrier("bitnet_jax_tokenizer_copy")
 
   def sample():
-    n = max(1, min(len(corpus.train), config.data.tokenizer_train_docs))
+    n = max(1, min(len(corpus.train), run.data.tokenizer_train_docs))
     stride = max(1, len(corpus.train) // n)
     return (corpus.train[i] for i in range(0, stride * n, stride))
 
   return tokenizer_lib.get_tokenizer(
-      config.data.tokenizer, workdir, config.model.vocab_size, sample,
+      run.data.tokenizer, workdir, run.model.vocab_size, sample,
       is_leader=jax.process_index() == 0, barrier=barrier)
 
 
-def load_data(config, workdir):
-  corpus = corpus_lib.load_corpus(config.data)
+def load_data(run: RunConfig, workdir: str):
+  corpus = corpus_lib.load_corpus(run.data)
   logging.info("data: %s", corpus.description)
-  tok = load_tokenizer(config, workdir, corpus)
+  tok = load_tokenizer(run, workdir, corpus)
   pid, count = jax.process_index(), jax.process_count()
-  train_ds = data_lib.train_dataset(corpus.train, tok, config.data,
-                                    seq_len=config.model.seq_len,
-                                    seed=config.seed, process_index=pid,
+  train_ds = data_lib.train_dataset(corpus.train, tok, run.data,
+                                    seq_len=run.model.seq_len,
+                                    seed=run.seed, process_index=pid,
                                     process_count=count)
-  evals = data_lib.eval_batches(corpus.eval, tok, config.data,
-                                seq_len=config.model.seq_len,
-                                num_batches=config.train.eval_batches,
+  evals = data_lib.eval_batches(corpus.eval, tok, run.data,
+                                seq_len=run.model.seq_len,
+                                num_batches=run.train.eval_batches,
                                 process_index=pid, process_count=count)
   return tok, train_ds, evals
 
 
-def initial_state(setup: Setup, config, ckpt: ckpt_lib.Checkpointer, data_iter):
+def initial_state(setup: Setup, ckpt: ckpt_lib.Checkpointer, data_iter):
   """Resume this workdir (train.restore_step: that step, newer ones set
   aside), else continue init_from, else initialise."""
-  if config.train.get("restore_step", -1) >= 0:
-    ckpt.set_aside_after(config.train.restore_step)
+  run = setup.run
+  if run.train.restore_step >= 0:
+    ckpt.set_aside_after(run.train.restore_step)
   state, step = ckpt.restore_latest(setup.abstract, data_iter,
-                                    config.train.allow_fresh_start)
+                                    run.train.allow_fresh_start)
   if state is not None:
     logging.info("resumed step %d from %s", step, ckpt.directory)
     return state, step, "resumed"
-  if config.init_from:
-    target = init_from_abstract(setup, config.init_from)
-    state, step, data_ok = ckpt_lib.restore_init_from(config.init_from,
+  if run.init_from:
+    target = init_from_abstract(setup, run.init_from)
+    state, step, data_ok = ckpt_lib.restore_init_from(run.init_from,
                                                        target, data_iter)
     if target is not setup.abstract:
       state = centring.add_missing_offsets(state, setup.abstract)
     logging.info("init_from %s: continuing at step %d with %d-bit activations "
-                 "(optimizer state reused%s)", config.init_from, step,
+                 "(optimizer state reused%s)", run.init_from, step,
                  setup.bits_at(step), "" if data_ok else "; data stream restarted")
     return state, step, "init_from"
-  if config.train.require_init_from:
+  if run.train.require_init_from:
     raise ConfigError("this config continues an 8-bit run: set "
                     "--config.init_from=<a8 workdir>")
   init = jax.jit(step_lib.unboxed_init(Transformer(setup.model_cfg), setup.tx),
                  out_shardings=setup.state_sharding)
-  state = init(jax.random.PRNGKey(config.seed))
+  state = init(jax.random.PRNGKey(run.seed))
   return state, 0, "initialised"
 
 
@@ -143,7 +147,8 @@ def held_out_loss(setup: Setup, params, batches, bits: int) -> float:
   return float(total) / max(float(count), 1.0)
 
 
-def log_start(setup: Setup, config, workdir: str, tokens_per_step: int) -> None:
+def log_start(setup: Setup, workdir: str) -> None:
+  run = setup.run
   logging.info("devices: %d x %s, processes: %d, mesh: %s", jax.device_count(),
                jax.devices()[0].device_kind, jax.process_count(),
                dict(setup.mesh.shape))
@@ -151,32 +156,33 @@ def log_start(setup: Setup, config, workdir: str, tokens_per_step: int) -> None:
                "FLOPs/token; %d tokens/step; schedule %d steps, stop at %d",
                setup.model_cfg.variant, setup.params_total / 1e6,
                count_params(setup.abstract.params, non_embedding=True) / 1e6,
-               setup.flops_per_token, tokens_per_step, setup.num_steps,
+               setup.flops_per_token, run.tokens_per_step, setup.num_steps,
                setup.stop_step)
+  config = run.to_config()
   logs.log_file_only(f"config:\n{config}")
   if jax.process_index() == 0:
     rundir.RunDir(workdir).write_config(config)
   logging.info("config: %s (all of it in train.log); lr %g, batch %d x %d, "
                "variant %s, %d-bit activations", os.fspath(
-                   rundir.RunDir(workdir) / rundir.CONFIG), config.opt.lr,
-               config.data.batch_size, config.model.seq_len,
-               config.model.variant, config.quant.act_bits)
+                   rundir.RunDir(workdir) / rundir.CONFIG), run.opt.lr,
+               run.data.batch_size, run.model.seq_len,
+               run.model.variant, run.model.act_bits)
 
 
 def train(config, workdir: str, preemption: Preemption | None = None) -> dict:
-  """Train until train.stop_step (or preemption); returns a summary dict."""
+  """Train until train.stop_step (or preemption); returns a summary dict.
+  config: the RunConfig (a ConfigDict is parsed here, once)."""
+  run = run_config.parse(config)
   preemption = preemption or Preemption(install=False)
-  preemption.every = config.train.get("preemption_check_every",
-                                      preemption.every)
+  preemption.every = run.train.preemption_check_every
   rundir.RunDir(workdir).prepare()
-  compile_cache.enable(config.train.get("compile_cache_dir",
-                                        compile_cache.DEFAULT))
-  changes = restart.check_identity(config, workdir)  # before compiling
-  setup = build(config)
+  compile_cache.enable(run.train.compile_cache_dir)
+  changes = restart.check_identity(run, workdir)  # before compiling
+  setup = build(run)
   lock = workdir_lock.WorkdirLock(workdir, enabled=jax.process_index() == 0)
   lock.acquire()  # before anything is written into the workdir
   try:
-    summary = _train_locked(setup, config, workdir, preemption, changes)
+    summary = _train_locked(setup, workdir, preemption, changes)
     logging.info("done: %s", json.dumps(summary))
     return summary
   except BaseException as e:  # why the run stopped, in train.log too
@@ -194,33 +200,31 @@ def train(config, workdir: str, preemption: Preemption | None = None) -> dict:
       lock.release()
 
 
-def _train_locked(setup: Setup, config, workdir: str, preemption,
-                  changes=()) -> dict:
-  if config.init_from and not ckpt_lib.has_checkpoint(workdir):
+def _train_locked(setup: Setup, workdir: str, preemption, changes=()) -> dict:
+  run = setup.run
+  if run.init_from and not ckpt_lib.has_checkpoint(workdir):
     # before the tokenizer (or anything else) is taken from that run
-    ckpt_lib.check_init_from(config.init_from,
-                             init_from_abstract(setup, config.init_from))
+    ckpt_lib.check_init_from(run.init_from,
+                             init_from_abstract(setup, run.init_from))
   logs.quiet_library_logs()
   logs.log_to_file(workdir, enabled=jax.process_index() == 0)
-  tokens_per_step = config.data.batch_size * config.model.seq_len
-  log_start(setup, config, workdir, tokens_per_step)
-  _, train_ds, evals = load_data(config, workdir)
+  log_start(setup, workdir)
+  _, train_ds, evals = load_data(run, workdir)
   data_iter = iter(train_ds)
-  ckpt = ckpt_lib.Checkpointer(workdir, config.train.keep_ckpts,
-                               config.train.async_ckpt)
+  ckpt = ckpt_lib.Checkpointer(workdir, run.train.keep_ckpts,
+                               run.train.async_ckpt)
   leader = jax.process_index() == 0
   writer = metrics_lib.MetricWriter(
       workdir, enabled=leader,
-      tracker=tracker_lib.make_tracker(config, workdir, leader))
+      tracker=tracker_lib.make_tracker(run, workdir, leader))
   try:
     with setup.context():
-      state, start, origin = initial_state(setup, config, ckpt, data_iter)
+      state, start, origin = initial_state(setup, ckpt, data_iter)
       if origin != "initialised":  # later rows of metrics.jsonl restart here
         writer.mark(start, {"resumed_from": start, "origin": origin})
       if changes:
         restart.note_config_changes(workdir, start, changes, writer)
-      loop = Loop(setup, config, ckpt, writer, data_iter, evals, preemption,
-                  tokens_per_step, workdir)
+      loop = Loop(setup, ckpt, writer, data_iter, evals, preemption, workdir)
       summary = loop.run(state, start)
     summary.update(start_step=start, origin=origin,
                    environment=environment.fingerprint())
@@ -235,25 +239,26 @@ def _train_locked(setup: Setup, config, workdir: str, preemption,
 class Loop:
   """The step loop: dispatch step N, then read step N-1's metrics."""
 
-  def __init__(self, setup: Setup, config, ckpt, writer, data_iter, evals,
-               preemption, tokens_per_step: int, workdir: str = "."):
-    self.setup, self.config, self.ckpt, self.writer = setup, config, ckpt, writer
+  def __init__(self, setup: Setup, ckpt, writer, data_iter, evals,
+               preemption, workdir: str = "."):
+    train_cfg = setup.run.train
+    self.setup, self.train_cfg, self.ckpt, self.writer = (setup, train_cfg,
+                                                          ckpt, writer)
     self.data_iter, self.evals, self.preemption = data_iter, evals, preemption
-    peak = step_lib.device_peak_flops(jax.devices()[0], config.train.peak_flops)
+    peak = step_lib.device_peak_flops(jax.devices()[0], train_cfg.peak_flops)
     self.timer = metrics_lib.StepTimer(
-        tokens_per_step, setup.flops_per_token,
+        setup.run.tokens_per_step, setup.flops_per_token,
         peak * jax.device_count() if peak else None, setup.stop_step)
     self.last_ckpt = ckpt.latest_step()
-    self.spikes = metrics_lib.SpikeGuard(config.train.get("spike_factor", 0.0),
-                                         config.train.get("spike_window", 50))
+    self.spikes = metrics_lib.SpikeGuard(train_cfg.spike_factor,
+                                         train_cfg.spike_window)
     self.window: list[dict] = []
     self.pending: tuple[int, Any] | None = None  # the update in flight
     self.summarizers: dict[int, Any] = {}  # act_bits -> jitted summarizer
     self.summary: dict[str, Any] = {"first_loss": None}
     self.centring = setup.model_cfg.mean_centre  # offsets still to check
     self.profile = profiling.ProfileWindow(
-        config.train.get("profile_start", -1),
-        config.train.get("profile_steps", 0),
+        train_cfg.profile_start, train_cfg.profile_steps,
         os.fspath(rundir.RunDir(workdir).path / rundir.TENSORBOARD))
 
   def consume(self, step: int, metrics) -> None:
@@ -269,7 +274,7 @@ class Loop:
       self.summary["first_loss"] = m["loss"]
     self.window.append(m)
     done, stop = step + 1, self.setup.stop_step
-    if done % self.config.train.log_every and done != stop:
+    if done % self.train_cfg.log_every and done != stop:
       return
     row = {k: sum(w[k] for w in self.window) / len(self.window)
            for k in self.window[0]}
@@ -301,9 +306,8 @@ class Loop:
     if bits not in self.summarizers:
       model = Transformer(self.setup.model_cfg.replace(act_bits=bits, remat="none"))
       self.summarizers[bits] = activation_stats.make_summarizer(model)
-    local = {"tokens": self.evals[0]["tokens"][:, :-1]}
-    tokens = sharding.global_batch(local, self.setup.mesh)["tokens"]
-    stats = jax.device_get(self.summarizers[bits](state.params, tokens))
+    batch = sharding.global_batch(self.evals[0], self.setup.mesh)
+    stats = jax.device_get(self.summarizers[bits](state.params, batch.inputs))
     self.writer.activation_summaries(step, stats)
     worst = max(stats, key=lambda k: float(stats[k]["kurtosis"]))
     logging.info("step %d: activation summaries of %d layer inputs logged; "
@@ -339,12 +343,12 @@ class Loop:
       self.pending = None
 
   def run(self, state, start: int) -> dict:
-    setup, train_cfg = self.setup, self.config.train
+    setup, train_cfg = self.setup, self.train_cfg
     self.pending = None
     for step in range(start, setup.stop_step):
       self.profile.before(step, state)
       bits = setup.bits_at(step)
-      if step == self.config.quant.a4_start_step and step > start:
+      if step == setup.run.a4_start_step and step > start:
         logging.info("step %d: switching to 4-bit activations", step)
       if bits == 4 and self.centring:
         state = self.calibrate(state, step)
