@@ -27,6 +27,16 @@ import jax.numpy as jnp
 import numpy as np
 
 from bitnet_jax import cli, hadamard, quant
+from bitnet_jax import defaults
+from bitnet_jax.data import corpus
+from bitnet_jax.data import pipeline as data
+from bitnet_jax.data import tokenizer
+from bitnet_jax.data.batch import Batch
+from bitnet_jax.inference import exported as export
+from bitnet_jax.model import ModelConfig, Transformer
+from bitnet_jax.run_config import RunConfig
+from bitnet_jax.training import optimizer
+from bitnet_jax.training import train_step
 
 FLAGS = flags.FLAGS
 flags.DEFINE_list("only", [], "Sections to run (default: all).")
@@ -94,12 +104,6 @@ def bench_quant(rounds: int, small: bool) -> list[tuple[str, str, float, float]]
 
 def _train_steps(small: bool):
   """Jitted tiny-config train steps of each variant on one fixed batch."""
-  from bitnet_jax import defaults
-  from bitnet_jax.training import optimizer
-  from bitnet_jax.training import train_step
-  from bitnet_jax.data.batch import Batch
-  from bitnet_jax.model import Transformer
-  from bitnet_jax.run_config import RunConfig
   config = defaults.tiny_config()
   if small:
     config.model.update(d_model=64, d_ff=192, num_layers=2, seq_len=64)
@@ -136,10 +140,6 @@ def bench_train(rounds: int, small: bool):
 
 def bench_data(rounds: int, small: bool):
   """Pipeline tokens/s on the embedded corpus vs the tiny v2 trainer's."""
-  from bitnet_jax import defaults
-  from bitnet_jax.data import corpus
-  from bitnet_jax.data import pipeline as data
-  from bitnet_jax.data import tokenizer
   config = defaults.tiny_config()
   split = corpus.load_corpus(config.data)
   tok = tokenizer.train_tokenizer(split.train[::4][:1000], config.model.vocab_size)
@@ -161,8 +161,6 @@ def _decode_models(small: bool):
   exported as int8 codes and as packed codes, and the fp model of the same
   size with bf16 weights."""
   import flax.linen as nn
-  from bitnet_jax.inference import exported as export
-  from bitnet_jax.model import ModelConfig, Transformer
   dims = (dict(d_model=128, d_ff=384, num_heads=2, num_layers=2) if small else
           dict(d_model=1024, d_ff=3072, num_heads=8, num_layers=4))
   base = ModelConfig(vocab_size=4096, seq_len=256, dtype="bfloat16", **dims)
@@ -181,7 +179,6 @@ def _decode_models(small: bool):
 
 
 def _decoder_fn(cfg, batch: int, steps: int, prompt: int):
-  from bitnet_jax.model import Transformer
   model = Transformer(cfg, decode_len=prompt + steps)
 
   def prefill(params, tokens):
@@ -228,7 +225,6 @@ def bench_decode(rounds: int, small: bool):
   batch, length = (2, 64) if small else (8, 256)
   tokens = jnp.ones((batch, length), jnp.int32)
   for name, (cfg, params) in models.items():
-    from bitnet_jax.model import Transformer
     forward = jax.jit(Transformer(cfg).apply)
     fns[name] = functools.partial(forward, {"params": jax.device_put(params)}, tokens)
   t = time_interleaved(fns, rounds)

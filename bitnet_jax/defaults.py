@@ -59,7 +59,10 @@ def base_config() -> ml_collections.ConfigDict:
   m.scan_layers = True             # stack blocks with nn.scan (one compile)
   m.remat = "none"                 # none | full | dots (rematerialisation)
   m.tie_embeddings = False         # share embedding and output head
-  m.attention_impl = ""            # "" (by backend: cudnn on GPU where it applies, else xla) | xla | cudnn
+  m.attention_impl = ""            # "" (by backend: cudnn on GPU, Pallas splash on
+                                   # TPU, where they apply; else xla) | xla |
+                                   # cudnn | splash | splash_interpret (CPU tests)
+  m.attention_block = 0            # splash: block along the sequence (0: 512)
   m.activation = ""                # GLU: "" = the variant's (relu2 for a4.8,
                                    # else swiglu) | swiglu | relu2 (squared ReLU)
 
@@ -86,6 +89,10 @@ def base_config() -> ml_collections.ConfigDict:
                                    # of H x) is calibrated when 4-bit activations
                                    # start (training/centring.py)
   q.quantized = True               # False: float weights and activations (reference)
+  q.input_kernel = ""              # H-BitLinear input (RMSNorm -> H -> quantize):
+                                   # "" = by backend (one Pallas kernel on TPU
+                                   # where it applies; jnp stages on GPU, CPU) |
+                                   # jnp | mosaic | interpret (CPU tests)
 
   o = c.opt = ml_collections.ConfigDict()
   o.lr = 1.5e-3                    # stage-1 peak learning rate (Table 9, left)

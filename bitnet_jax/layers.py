@@ -21,6 +21,11 @@ input z = H x of a trained v2 model can hold a token-shared offset (a learned
 channel acting as a bias) that INT4 absmean clips; the layer quantizes
 z - mu and adds Q_w(W) mu back, exact in float, a bias at inference.
 
+The fused input (`quant.input_kernel`, kernels/h_bitlinear.py): where the
+H-BitLinear trains with the integer matmul, norm -> Hadamard -> quantize run
+as one Pallas kernel writing int8 codes (Mosaic on TPU); the stages here
+stay the reference and the CPU and GPU path.
+
 Kernels are stored [in, *out] and carry logical axis names for sharding.
 """
 from __future__ import annotations
@@ -40,6 +45,7 @@ from bitnet_jax import ternary_matmul
 from bitnet_jax.model_config import TRAIN_MATMULS, WEIGHT_FORMS
 from bitnet_jax.rotations import ROTATIONS, contract
 from bitnet_jax import partitioning
+from bitnet_jax.kernels import h_bitlinear, h_input
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,6 +77,8 @@ class QuantConfig:
   hadamard_block_size: int = hadamard.DEFAULT_BLOCK_SIZE
   weights: str = "latent"
   matmul: str = "float"
+  input_kernel: str = "jnp"    # H-BitLinear input: jnp stages | a Pallas
+                               # kernel (kernels/h_input.IMPLS)
 
   def __post_init__(self):
     if self.act_bits not in (8, 4, None):
@@ -89,6 +97,9 @@ class QuantConfig:
                        "activation bits")
     if self.topk_ratio is not None:
       quantizers.topk_count(1, self.topk_ratio)  # validates the range
+    if self.input_kernel not in ("jnp",) + h_input.IMPLS:
+      raise ValueError(f"input_kernel must be jnp or one of {h_input.IMPLS}, "
+                       f"got {self.input_kernel!r}")
     if self.matmul not in TRAIN_MATMULS:
       raise ValueError(f"matmul must be one of {TRAIN_MATMULS}"
                        f", got {self.matmul!r}")
@@ -123,11 +134,15 @@ class RMSNorm(nn.Module):
   dtype: Any = None  # output dtype; None keeps the input dtype
 
   @nn.compact
-  def __call__(self, x: jax.Array) -> jax.Array:
+  def __call__(self, x: jax.Array, scale_only: bool = False) -> jax.Array:
+    """RMSNorm(x); with scale_only, the learned scale [n] alone (for a
+    kernel that applies the norm itself: kernels/h_bitlinear.py)."""
     scale = self.param(
         "scale", nn.with_logical_partitioning(nn.initializers.ones,
                                               (self.axis_name,)),
         (x.shape[-1],), jnp.float32)
+    if scale_only:
+      return scale
     x32 = x.astype(jnp.float32)
     y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True)
                             + self.eps) * scale
@@ -171,13 +186,43 @@ class BitLinear(nn.Module):
 
   @nn.compact
   def __call__(self, x: jax.Array) -> jax.Array:
-    cfg = self.quant
     self._check()
+    weights = self._weights(x.shape[-1])
+    if self._fused_input(x):  # norm -> H -> Q_x in one kernel (kernels/)
+      cfg = self.quant
+      y = h_bitlinear.h_bitlinear(
+          x, self._norm(x, scale_only=True), weights, cfg.act_bits,
+          self.scale_groups, self.dtype,
+          partitioning.matmul_layouts(self.kernel_axes), self.norm_eps,
+          cfg.input_kernel)
+    else:
+      y = self._stages(x, weights)
+    return y.astype(self.dtype)
+
+  def _norm(self, x, scale_only=False):
+    return RMSNorm(self.norm_eps, self.kernel_axes[0], name="norm")(
+        x, scale_only)
+
+  def _fused_input(self, x) -> bool:
+    """H-BitLinear whose stages the fused kernel covers: the v2 Hadamard,
+    its own norm, the integer matmul, no centring or top-K, and no
+    intermediates asked for (analysis and calibration read the stages)."""
+    cfg = self.quant
+    return (cfg.input_kernel != "jnp" and self.rotation == "activation"
+            and self.use_norm and not self.centre and cfg.topk_ratio is None
+            and cfg.matmul == "int8" and cfg.weights == "latent"
+            and not self.is_mutable_collection("intermediates")
+            and h_bitlinear.applies(x.shape[-1], x.shape[0], cfg.input_kernel,
+                                    self.kernel_axes[0]))
+
+  def _stages(self, x, weights):
+    """norm -> rotation -> [centre] -> [top-K] -> the product by weight form
+    (the jnp reference of every variant)."""
+    cfg = self.quant
     d_in, block = x.shape[-1], cfg.hadamard_block_size
-    weights = self._weights(d_in)
     # norm
     if self.use_norm:
-      x = RMSNorm(self.norm_eps, self.kernel_axes[0], name="norm")(x)
+      x = self._norm(x)
     # rotation
     ptq, rot = self.rotation in rotations.PTQ_KINDS, None
     if self.rotation != "none":
@@ -200,7 +245,7 @@ class BitLinear(nn.Module):
     y, bias_weight, dtype = self._product(x, weights, rot, block)
     if mu is not None:  # + Q_w(W) mu: the centring's bias, in each form's dtype
       y = y + contract(mu.astype(dtype), bias_weight().astype(dtype))
-    return y.astype(self.dtype)
+    return y
 
   def _product(self, x, weights, rot, block):
     """The quantized product by weight form: (y, the weight the centring

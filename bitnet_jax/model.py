@@ -22,6 +22,7 @@ import jax.numpy as jnp
 from bitnet_jax import policy
 from bitnet_jax import quant as quant_lib
 from bitnet_jax import sites
+from bitnet_jax.kernels import splash
 from bitnet_jax.kv_cache import KVCache
 from bitnet_jax.layers import BitLinear, Linear, RMSNorm
 from bitnet_jax.model_config import REMAT_POLICIES, ModelConfig
@@ -90,6 +91,9 @@ class Attention(nn.Module):
     q_BLHE = quant_lib.quantize_heads_keep_bos(q_BLHE, policy.query_bits(cfg),
                                                None)
     impl = policy.attention_impl(cfg)
+    if impl.startswith("splash") and (self.decode_len or not
+                                      splash.applies(l)):
+      impl = "xla"  # a cache, or a sequence splash does not tile: XLA's
     if self.decode_len and kv_bits is not None:
       # the cache quantizes (and stores the codes) itself
       out_BLHE = KVCache(self.decode_len, kv_bits, impl, name="kv_cache")(
@@ -100,6 +104,10 @@ class Attention(nn.Module):
     if self.decode_len:
       out_BLHE = KVCache(self.decode_len, None, impl, name="kv_cache")(
           q_BLHE, k_BLKE, v_BLKE, bos_BL, valid_BL)
+    elif impl.startswith("splash"):  # TPU: blocked, no [B, H, T, T] scores
+      out_BLHE = splash.attention(q_BLHE, k_BLKE, v_BLKE, segment_ids_BL,
+                                  cfg.attention_block,
+                                  interpret=impl == "splash_interpret")
     else:
       mask = None
       if segment_ids_BL is not None:

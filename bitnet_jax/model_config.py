@@ -34,6 +34,10 @@ TRAIN_MATMULS = ("float", "int8")   # how latent weights multiply in training
 AUTO_TRAIN_MATMUL = {"tpu": "int8", "cpu": "int8"}
 GPU_INT8_MIN_D_MODEL = 4096
 WEIGHT_SCALES = ("projection", "tensor")
+# quant.input_kernel: the H-BitLinear input as jnp stages or one Pallas
+# kernel (kernels/h_input.py); '' resolves by backend (for_platform)
+INPUT_KERNELS = ("", "jnp", "mosaic", "interpret")
+AUTO_INPUT_KERNEL = {"tpu": "mosaic"}   # GPU: the jnp stages (no Triton kernel yet)
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -44,6 +48,9 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # operands, head dims that are multiples of 8 up to 128.
 CUDNN_DTYPES = ("bfloat16", "float16")
 CUDNN_MAX_HEAD_DIM = 128
+# Pallas splash attention (kernels/splash.py) tiles the sequence by 128 lanes
+ATTENTION_IMPLS = ("", "xla", "cudnn", "splash", "splash_interpret")
+SPLASH_LANES = 128
 # Keys of config.quant that belong to the training loop, not the model.
 TRAINING_QUANT_KEYS = ("a4_start_step",)
 
@@ -63,9 +70,12 @@ _REPORTED_FALLBACKS: set = set()
 
 
 def attention_for(cfg: "ModelConfig", platform: str) -> str:
-  """attention_impl='' by backend: cuDNN's fused attention on GPU where it
-  applies (no [B, H, T, T] scores in memory), XLA's elsewhere; a GPU model
-  that cuDNN cannot run falls back to XLA, said once per reason."""
+  """attention_impl='' by backend: cuDNN's fused attention on GPU and the
+  Pallas splash kernel on TPU where they apply (no [B, H, T, T] scores in
+  memory), XLA's elsewhere; a GPU model that cuDNN cannot run falls back to
+  XLA, said once per reason."""
+  if platform == "tpu":
+    return "splash" if cfg.seq_len % SPLASH_LANES == 0 else "xla"
   if platform != "gpu":
     return "xla"
   why = cudnn_attention_refusal(cfg)
@@ -98,7 +108,9 @@ class ModelConfig:
   scan_layers: bool = True
   remat: str = "none"
   tie_embeddings: bool = False
-  attention_impl: str = ""            # "" (by backend), 'xla', 'cudnn'
+  attention_impl: str = ""            # "" (by backend), 'xla', 'cudnn',
+                                      # 'splash' (TPU), 'splash_interpret'
+  attention_block: int = 0            # splash block along the sequence; 0: 512
   activation: str = ""                # GLU: "" (the variant's), swiglu, relu2
   # config.quant
   act_bits: int = 8
@@ -115,6 +127,8 @@ class ModelConfig:
   quantized: bool = True              # False: float weights and activations
   train_matmul: str = "auto"          # 'int8': integer forward while training
   mean_centre: bool = False           # v2: centred H-BitLinear (offset mu)
+  input_kernel: str = ""              # "" (by backend), jnp, mosaic,
+                                      # interpret (kernels/h_input.py)
 
   def __post_init__(self):
     def bad(field, msg):
@@ -138,10 +152,18 @@ class ModelConfig:
     one_of("ptq_rotation", PTQ_ROTATIONS)
     one_of("remat", REMAT_POLICIES)
     one_of("dtype", DTYPES)
-    one_of("attention_impl", ("", "xla", "cudnn"))
+    one_of("attention_impl", ATTENTION_IMPLS)
+    if self.attention_impl.startswith("splash") and not (
+        self.seq_len % SPLASH_LANES == 0):
+      bad("attention_impl", f"splash attention needs seq_len a multiple of "
+          f"{SPLASH_LANES}, got {self.seq_len}")
+    if self.attention_block < 0 or self.attention_block % SPLASH_LANES:
+      bad("attention_block", f"must be 0 (by chip) or a multiple of "
+          f"{SPLASH_LANES}, got {self.attention_block}")
     one_of("weight_scale", WEIGHT_SCALES)
     one_of("activation", ("", "swiglu", "relu2"))
     one_of("train_matmul", ("auto",) + TRAIN_MATMULS)
+    one_of("input_kernel", INPUT_KERNELS)
     for field in ("q_bits", "kv_bits"):
       bits = getattr(self, field)
       if bits and not 2 <= bits <= 8:
@@ -193,8 +215,8 @@ class ModelConfig:
     return DTYPES[self.dtype]
 
   def for_platform(self, platform: str) -> "ModelConfig":
-    """train_matmul='auto' and attention_impl='' resolved for a backend
-    ('cpu', 'tpu', 'gpu')."""
+    """train_matmul='auto', attention_impl='' and input_kernel='' resolved
+    for a backend ('cpu', 'tpu', 'gpu')."""
     changes = {}
     if self.train_matmul == "auto":
       if platform == "gpu":
@@ -204,6 +226,8 @@ class ModelConfig:
         changes["train_matmul"] = AUTO_TRAIN_MATMUL.get(platform, "float")
     if not self.attention_impl:
       changes["attention_impl"] = attention_for(self, platform)
+    if not self.input_kernel:
+      changes["input_kernel"] = AUTO_INPUT_KERNEL.get(platform, "jnp")
     return self.replace(**changes) if changes else self
 
   def replace(self, **changes) -> "ModelConfig":

@@ -36,6 +36,24 @@ def feature_split(logical_axis: str | None, batch: int):
   return axis, mesh.shape[axis], batch_axes
 
 
+def token_axes(batch: int):
+  """The mesh axes splitting an activation's leading (batch) axis under the
+  rules and mesh in context: a tuple of names; None when nothing splits it
+  (no mesh or rules in context, or axes of size 1); False when the batch
+  does not divide them (a per-shard kernel cannot run)."""
+  rules = nn.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh.empty:
+    return None
+  axes = nn.logical_to_mesh_axes(("activation_batch",), rules)[0]
+  names = tuple(a for a in ((axes,) if isinstance(axes, str) else axes or ())
+                if mesh.shape.get(a, 1) > 1)
+  if not names:
+    return None
+  return names if batch % math.prod(mesh.shape[a] for a in names) == 0 \
+      else False
+
+
 def matmul_layouts(logical_axes) -> tuple[P, P] | None:
   """(stored, gathered) layouts of a kernel with these logical axes: its
   parameter sharding, and where a matmul uses it (without the batch axes

@@ -70,7 +70,9 @@ def linear(cfg: ModelConfig, role: str) -> LinearPolicy:
   return LinearPolicy(QuantConfig(act_bits=bits, topk_ratio=topk,
                                   hadamard_block_size=block,
                                   weights=cfg.weights,
-                                  matmul=train_matmul(cfg)), rotation,
+                                  matmul=train_matmul(cfg),
+                                  input_kernel=input_kernel(cfg)),
+                      rotation,
                       scale_groups=scale_groups(cfg, role),
                       centre=cfg.mean_centre and rotation != "none")
 
@@ -90,6 +92,13 @@ def train_matmul(cfg: ModelConfig) -> str:
   if cfg.weights != "latent":
     return "float"
   return cfg.for_platform(jax.default_backend()).train_matmul
+
+
+def input_kernel(cfg: ModelConfig) -> str:
+  """The H-BitLinear input's implementation: quant.input_kernel, or ''
+  resolved for this process's backend (as train_matmul)."""
+  return cfg.input_kernel or cfg.for_platform(
+      jax.default_backend()).input_kernel
 
 
 def scale_groups(cfg: ModelConfig, role: str):

@@ -49,7 +49,7 @@ def scale_product(acc: jax.Array, x_scale: jax.Array, w_scale: jax.Array,
   return acc.astype(jnp.float32) * (x_scale * w_scale)
 
 
-def _codes(w, groups, layouts):
+def kernel_codes(w, groups, layouts):
   """Ternary codes of the latent kernel, computed where it is stored and
   then moved to the matmul layout (layouts: partitioning.matmul_layouts), so
   that the FSDP gather moves int8 codes, not float weights."""
@@ -75,7 +75,7 @@ def ste_integer_matmul(x: jax.Array, w: jax.Array, bits: int, groups,
 
 def _forward(x, w, bits, groups, dtype, layouts):
   x_codes, x_scale = quant.activation_codes(x, bits)
-  w_codes, alpha = _codes(w, groups, layouts)
+  w_codes, alpha = kernel_codes(w, groups, layouts)
   acc = integer_matmul(x_codes, w_codes)
   y = scale_product(acc, x_scale, alpha, groups, w.ndim - 1).astype(dtype)
   # residuals: int8 codes of both operands (the weight's as gathered, so the
@@ -84,9 +84,10 @@ def _forward(x, w, bits, groups, dtype, layouts):
              jnp.zeros((0,), w.dtype))
 
 
-def _bwd(bits, groups, dtype, layouts, residuals, g):
-  del bits, layouts
-  x_codes, x_scale, w_codes, alpha, x_like, w_like = residuals
+def ste_grads(x_codes, x_scale, w_codes, alpha, groups, dtype, g, x_dtype,
+              w_dtype):
+  """The STE backward of Q_x(x) . Q_w(W) from the forward's codes:
+  (dL/dQ_x(x) in x_dtype, dL/dW in w_dtype)."""
   g = g.astype(dtype)
   # Q_w(W) in `dtype` from its codes: codes in {-1, 0, 1} make this equal,
   # bit for bit, to the fake quantizer's alpha * codes cast to `dtype`
@@ -98,11 +99,17 @@ def _bwd(bits, groups, dtype, layouts, residuals, g):
   dx = jax.lax.dot_general(
       g, wq, ((tuple(range(lead, g.ndim)), out_axes), ((), ())))
   # dW = Q_x(x)^T . g: the fake-quantized input, rebuilt from its codes
-  xq = (x_codes.astype(jnp.float32) * x_scale).astype(x_like.dtype
-                                                      ).astype(dtype)
+  xq = (x_codes.astype(jnp.float32) * x_scale).astype(x_dtype).astype(dtype)
   tokens = tuple(range(lead))
   dw = jax.lax.dot_general(xq, g, ((tokens, tokens), ((), ())))
-  return dx.astype(x_like.dtype), dw.astype(w_like.dtype)
+  return dx.astype(x_dtype), dw.astype(w_dtype)
+
+
+def _bwd(bits, groups, dtype, layouts, residuals, g):
+  del bits, layouts
+  x_codes, x_scale, w_codes, alpha, x_like, w_like = residuals
+  return ste_grads(x_codes, x_scale, w_codes, alpha, groups, dtype, g,
+                   x_like.dtype, w_like.dtype)
 
 
 ste_integer_matmul.defvjp(

@@ -33,13 +33,26 @@ def path_name(path) -> str:
 
 @pytest.mark.parametrize("case", sorted(golden.CASES))
 def test_one_step_equals_golden(case):
+  check_one_step(case)
+
+
+@pytest.mark.parametrize("case", ["v2_a8", "v2_a4"])
+def test_one_step_with_the_fused_input_kernel_equals_golden(case):
+  """The same golden values through the integer matmul and the fused
+  RMSNorm -> Hadamard -> quantize kernel (kernels/h_input.py, run by
+  Pallas' interpreter): W_o and W_down take the kernel."""
+  check_one_step(case, train_matmul="int8", input_kernel="interpret")
+
+
+def check_one_step(case, **quant):
   variant, bits, q_bits, kv_bits, weight_scale = golden.CASES[case]
   # Through the config groups users write (stable across refactors).
   config = defaults.base_config()
   config.model.update(golden.SHAPE, seq_len=golden.LENGTH, variant=variant,
                       norm_eps=golden.NORM_EPS, scan_layers=False)
   config.quant.update(act_bits=bits, q_bits=q_bits or 0, kv_bits=kv_bits or 0,
-                      topk_ratio_o=golden.TOPK_O, weight_scale=weight_scale)
+                      topk_ratio_o=golden.TOPK_O, weight_scale=weight_scale,
+                      **quant)
   cfg = ModelConfig.from_config(config)
   model = Transformer(cfg)
   batch = Batch(jnp.asarray(golden.make_batch()))

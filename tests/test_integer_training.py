@@ -139,7 +139,7 @@ def test_codes_gathered_from_shards_are_the_unsharded_codes():
     layouts = partitioning.matmul_layouts(axes)
     stored = jax.sharding.NamedSharding(mesh, layouts[0])
     assert "fsdp" in str(layouts[0]) and "fsdp" not in str(layouts[1])
-    codes, alpha = jax.jit(lambda w: ternary_matmul._codes(
+    codes, alpha = jax.jit(lambda w: ternary_matmul.kernel_codes(
         w, (2, (0, 1, 2)), layouts))(jax.device_put(w, stored))
   want, want_alpha = quant.ternary_codes(jnp.asarray(w), (2, (0, 1, 2)))
   np.testing.assert_array_equal(np.asarray(codes), np.asarray(want))

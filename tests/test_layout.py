@@ -74,7 +74,7 @@ LAYERS = (
                "config_files", "cli", "defaults", "run_identity",
                "checkpoint")),
     ("math", ("packing", "hadamard", "quant", "ternary_matmul", "sites",
-              "partitioning", "chips", "activation_stats")),
+              "partitioning", "chips", "activation_stats", "kernels")),
     ("model", ("model_config", "rotations", "layers", "policy", "kv_cache",
                "model", "loss")),
     ("run config", ("run_config",)),

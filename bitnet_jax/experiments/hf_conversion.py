@@ -26,6 +26,12 @@ import time
 from absl import flags
 
 from bitnet_jax import cli
+from bitnet_jax import rundir
+from bitnet_jax.evaluation.perplexity import perplexity
+from bitnet_jax.experiments.study import split_text
+from bitnet_jax.hf import exporter, importer
+from bitnet_jax.inference import pretrained
+from bitnet_jax.training import trainer
 
 FLAGS = flags.FLAGS
 
@@ -40,15 +46,12 @@ def define_flags() -> None:
 
 
 def score(workdir: str, docs, **over) -> float:
-  from bitnet_jax.evaluation.perplexity import perplexity
-  from bitnet_jax.inference import pretrained
   pre = pretrained.load(workdir, **over)
   return perplexity(pre, docs, batch_size=16)["ppl"]
 
 
 def naive_v2(source: str, dest: str) -> None:
   """The b1.58 import relabelled v2: the same weights, nothing rotated."""
-  from bitnet_jax import rundir
   shutil.copytree(source, dest)
   run = rundir.RunDir(dest)
   config = run.read_config()
@@ -58,8 +61,6 @@ def naive_v2(source: str, dest: str) -> None:
 
 def continue_training(source_run: str, init_from: str, workdir: str,
                       steps: int, lr: float) -> None:
-  from bitnet_jax import rundir
-  from bitnet_jax.training import trainer
   config = rundir.RunDir(source_run).read_config()
   config.model = rundir.RunDir(init_from).read_config().model
   config.init_from = init_from
@@ -74,9 +75,6 @@ def continue_training(source_run: str, init_from: str, workdir: str,
 def main(argv) -> None:
   del argv
   cli.require("run", "valid", "out")
-  from bitnet_jax.experiments.study import split_text
-  from bitnet_jax.hf import exporter, importer
-  from bitnet_jax.inference import pretrained
   t0 = time.time()
   with open(FLAGS.valid) as f:
     docs = split_text(f.read())

@@ -32,6 +32,8 @@ import sys
 from bitnet_jax import cli
 from bitnet_jax.errors import InputError
 from bitnet_jax.experiments import report, scoring, study
+from bitnet_jax import rundir
+from bitnet_jax.inference import pretrained
 
 
 def machine() -> str:
@@ -130,7 +132,6 @@ def run_study(data: str, out: str, settings: study.Settings,
 def _activation_runs(out: str, docs, settings: study.Settings) -> dict:
   """Raw statistics of the last layer's W_o / W_down inputs of b1.58 (a8)
   and v2 (a8), for the histogram figures."""
-  from bitnet_jax.inference import pretrained
   last = f"layer{settings.num_layers - 1}/"
   runs = {}
   for name, label in (("b1.58_a8", "BitNet b1.58 a8"), ("v2_a8", "BitNet v2 a8")):
@@ -146,7 +147,6 @@ def main(argv) -> None:
   f = flags.FLAGS
   del argv
   cli.require("data", "out")
-  from bitnet_jax import rundir
   rundir.check_output(f.out, may_hold_runs=True)  # a study holds its own runs
   settings = study.QUICK if f.quick else study.Settings()
   if f.steps:

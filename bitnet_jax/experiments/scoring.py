@@ -12,6 +12,12 @@ import time
 import numpy as np
 
 from bitnet_jax.experiments import study
+from bitnet_jax.activation_stats import make_summarizer
+from bitnet_jax.baselines import rotation_ptq as ptq
+from bitnet_jax.data import corpus
+from bitnet_jax.evaluation.activation_report import text_batch
+from bitnet_jax.evaluation.perplexity import perplexity
+from bitnet_jax.inference import pretrained
 
 
 def cached(out: str, key: str, compute) -> dict:
@@ -32,7 +38,6 @@ def cached(out: str, key: str, compute) -> dict:
 
 
 def valid_perplexity(pre, docs: list[str]) -> dict:
-  from bitnet_jax.evaluation.perplexity import perplexity
   r = perplexity(pre, docs, batch_size=16)
   return {"ppl": r["ppl"] if math.isfinite(r["nll"]) else math.nan,
           "nll": r["nll"], "tokens": r["tokens"]}
@@ -43,8 +48,6 @@ def layer_stats(pre, docs: list[str], num_seqs: int) -> dict:
   host) of the run on num_seqs held-out rows."""
   import jax
   import jax.numpy as jnp
-  from bitnet_jax.activation_stats import make_summarizer
-  from bitnet_jax.evaluation.activation_report import text_batch
   tokens = text_batch(pre, docs, num_seqs)
   return jax.device_get(make_summarizer(pre.model, pre.tokenizer.bos_id)(
       pre.params, jnp.asarray(tokens)))
@@ -89,13 +92,11 @@ def rotated_domain(pre, docs: list[str], s: study.Settings) -> dict:
 
 def score_rotated(run: study.Run, out: str, s: study.Settings, docs) -> dict:
   """The rotated-domain picture of one run (cached apart from its PPL)."""
-  from bitnet_jax.inference import pretrained
   return cached(out, f"{run.name}_rotated", lambda: {"sites": rotated_domain(
       pretrained.load(os.path.join(out, "runs", run.name)), docs, s)})
 
 
 def score_run(run: study.Run, out: str, s: study.Settings, docs) -> dict:
-  from bitnet_jax.inference import pretrained
   workdir = os.path.join(out, "runs", run.name)
 
   def compute():
@@ -110,7 +111,6 @@ def score_run(run: study.Run, out: str, s: study.Settings, docs) -> dict:
 
 def score_attention(run: study.Run, out: str, overrides: dict, docs) -> dict:
   """Tables 2-3: the run evaluated with low-bit Q/K/V states."""
-  from bitnet_jax.inference import pretrained
   key = run.name + "_" + "_".join(f"{k}{v}" for k, v in sorted(overrides.items()))
   return cached(out, key, lambda: valid_perplexity(
       pretrained.load(os.path.join(out, "runs", run.name), **overrides), docs))
@@ -119,9 +119,6 @@ def score_attention(run: study.Run, out: str, overrides: dict, docs) -> dict:
 def score_ptq(name: str, method: str, fuse: bool, out: str, s: study.Settings,
               docs) -> dict:
   """Table 4: a post-training baseline of the b1.58 (a8) run."""
-  from bitnet_jax.data import corpus
-  from bitnet_jax.baselines import rotation_ptq as ptq
-  from bitnet_jax.inference import pretrained
 
   def compute():
     source = pretrained.load(os.path.join(out, "runs", "b1.58_a8"))

@@ -32,6 +32,9 @@ import ml_collections
 
 from bitnet_jax import defaults, rundir
 from bitnet_jax.errors import InputError, MissingInput
+from bitnet_jax.data import tokenizer as tokenizer_lib
+from bitnet_jax.data.corpus import split_documents
+from bitnet_jax.training import trainer
 
 A4_FRACTION = 0.05  # the paper: the last 5B of 100B tokens
 
@@ -138,14 +141,12 @@ def split_text(text: str) -> list[str]:
     bounds = starts + [len(text)]
     return [text[a:b].strip("\n") for a, b in zip(bounds, bounds[1:])
             if text[a:b].strip()]
-  from bitnet_jax.data.corpus import split_documents
   return split_documents(text, "blank_line")
 
 
 def prepare_data(path: str, out: str, s: Settings) -> dict:
   """Write data/train.txt, data/valid.txt (the last valid_fraction of the
   documents, in order) and data/tokenizer.model; returns their description."""
-  from bitnet_jax.data import tokenizer as tokenizer_lib
   data_dir = os.path.join(out, "data")
   info_path = os.path.join(data_dir, "data.json")
   if os.path.exists(info_path):
@@ -225,7 +226,6 @@ def is_trained(workdir: str, s: Settings) -> bool:
 def train_run(run: Run, out: str, s: Settings, data_dir: str) -> bool:
   """Train (or resume) one run of the replica `out`; False if it was
   already finished."""
-  from bitnet_jax.training import trainer
   workdir = os.path.join(out, "runs", run.name)
   if is_trained(workdir, s):
     return False

@@ -37,6 +37,7 @@ import jax.numpy as jnp
 
 from bitnet_jax import chips as chips_lib
 from bitnet_jax import run_config
+from bitnet_jax.kernels import h_input
 from bitnet_jax.scale import gpu_topology
 from bitnet_jax.scale import hlo_flops, hlo_stats, hlo_text
 from bitnet_jax.training import sharding
@@ -277,7 +278,7 @@ def summarize(setup, compiled, chip: chips_lib.Chip | None,
       zero3_payload_by_axis=zero3_payload_by_axis(setup),
       unknown_trip_counts=stats.unknown_trip_counts,
       hosts=hosts, attention=attention_calls(text),
-      custom_calls=custom_calls(text))
+      custom_calls=custom_calls(text), custom_call_costs=stats.custom_calls())
   if hosts > 1:
     out["intra_host_payload"] = stats.collective_bytes(inter_host=False)
     out["inter_host_payload"] = stats.collective_bytes(inter_host=True)
@@ -297,21 +298,29 @@ def summarize(setup, compiled, chip: chips_lib.Chip | None,
 
 
 def custom_calls(text: str) -> dict[str, int]:
-  """custom_call_target -> sites in the optimized program."""
+  """custom call (hlo_flops.custom_call_name: the target, and a Pallas
+  kernel's name) -> sites in the optimized program."""
   out: dict[str, int] = {}
-  for target in re.findall(r'custom_call_target="([^"]+)"', text):
-    out[target] = out.get(target, 0) + 1
+  for m in re.finditer(r'%([\w.\-]+) = [^\n]*?custom_call_target="([^"]+)"',
+                       text):
+    name = hlo_flops.call_name(m.group(2), m.group(1))
+    out[name] = out.get(name, 0) + 1
   return out
+
+
+OWN_KERNELS = (h_input.FORWARD_NAME, h_input.BACKWARD_NAME)
 
 
 def attention_calls(text: str) -> str:
   """Which attention the program runs: 'cudnn' (fused flash attention
-  custom calls), 'pallas' (a Pallas / Mosaic kernel) or 'xla' (the scores
-  materialised by XLA's own ops)."""
+  custom calls), 'pallas' (a Pallas / Mosaic kernel other than this
+  project's H-BitLinear input) or 'xla' (the scores materialised by XLA's
+  own ops)."""
   calls = custom_calls(text)
   if any("__cudnn$fmha" in t for t in calls):
     return "cudnn"
-  if any(t in ("tpu_custom_call", "__gpu$xla.gpu.triton") for t in calls):
+  if any(t.split(":")[0] in hlo_flops.PALLAS_TARGETS and
+         t.split(":")[-1] not in OWN_KERNELS for t in calls):
     return "pallas"
   return "xla"
 
@@ -354,6 +363,9 @@ def format_report(r: dict[str, Any]) -> str:
   if "attention" in r:
     lines.append(f"  attention: {r['attention']}" + "".join(
         f", {k} {v}x" for k, v in sorted(r.get("custom_calls", {}).items())))
+  for name, c in sorted(r.get("custom_call_costs", {}).items()):
+    lines.append(f"  custom call {name}: {c['count']:.0f} per step, "
+                 f"{c['flops']:.3e} FLOPs, {g(c['bytes'])} HBM")
   if "dcn_transfers" in r:
     lines.append("  across slices (DCN), per chip and pass: " + (", ".join(
         f"{k.lower().replace('_', '-')} {v['sites']:.0f} sites {g(v['bytes'])}"

@@ -10,6 +10,7 @@ import re
 
 import numpy as np
 
+from bitnet_jax.kernels import h_input
 from bitnet_jax.scale.hlo_text import Instruction, arrays
 
 F32_DEFAULT = "f32 default"  # float32 operands, default precision
@@ -75,10 +76,38 @@ _FMHA_RE = re.compile(r'"intermediate_tensor_shape":\s*\{[^}]*?"dimensions":'
 _GEMM_CONTRACT_RE = re.compile(r'"lhs_contracting_dimensions":\s*\[([^\]]*)\]')
 
 
+PALLAS_TARGETS = ("tpu_custom_call", "__gpu$xla.gpu.triton")
+
+
+def custom_call_name(inst: Instruction) -> str:
+  """A custom call's name in reports: its target, and for a Pallas kernel
+  (Mosaic, Triton) the kernel's own name, as the instruction carries it
+  (`bitnet_h_input_fwd.3` -> `tpu_custom_call:bitnet_h_input_fwd`)."""
+  return call_name((inst.attr("custom_call_target") or "?").strip('"'),
+                   inst.name)
+
+
+def call_name(target: str, instruction: str) -> str:
+  if target not in PALLAS_TARGETS:
+    return target
+  return target + ":" + re.sub(r"[.]\d+$", "", instruction)
+
+
 def custom_call_flops(inst: Instruction, operand_shapes: list[str]) -> float:
-  """Matmul FLOPs of a library call XLA does not count: cuDNN attention
-  and cuBLAS GEMMs; 0 for any other custom call."""
+  """Matmul FLOPs of a call XLA does not count: cuDNN attention, cuBLAS
+  GEMMs and this project's Pallas kernels (kernels/h_input.py: the MXU
+  passes of its Hadamard); 0 for any other custom call."""
   target = inst.attr("custom_call_target") or ""
+  kernel = custom_call_name(inst).split(":")[-1]
+  if kernel.startswith(("splash_mha_", "splash_mqa_")):
+    return splash_flops(kernel, inst.attrs, operand_shapes)
+  if kernel in (h_input.FORWARD_NAME, h_input.BACKWARD_NAME):
+    x = arrays(operand_shapes[0 if kernel == h_input.FORWARD_NAME else 2])
+    if not x:
+      return 0.0
+    dtype, dims = x[0]
+    return h_input.mxu_flops(math.prod(dims[:-1]), dims[-1],
+                             "float32" if dtype == "f32" else "bfloat16")
   if "__cudnn$fmha" in target:
     m = _FMHA_RE.search(inst.attrs)
     q = arrays(operand_shapes[0])
@@ -103,4 +132,33 @@ def custom_call_flops(inst: Instruction, operand_shapes: list[str]) -> float:
     return 2.0 * math.prod(out[0][1]) * k
   return 0.0
 
+
+# matmuls per (query block, key block) pair of each splash kernel: forward
+# q k^T and p v; dq: q k^T, do v^T, ds k; dkv: q k^T, do v^T, p^T do, ds^T q
+SPLASH_MATMULS = {"fwd": 2, "dq": 3, "dkv": 4}
+_BLOCK_RE = r'block_{}\\?"?:\s*(\d+)'
+
+
+def splash_flops(kernel: str, attrs: str, operand_shapes: list[str]) -> float:
+  """FLOPs of a splash attention kernel (kernels/splash.py: causal): 2 T_q
+  T_k E per matmul per head and batch row, over the (query, key) blocks the
+  kernel computes (a causal mask skips the blocks above the diagonal; the
+  block sizes are in the call's metadata)."""
+  phase = next((p for p in SPLASH_MATMULS if f"_{p}" in kernel), None)
+  q = max((dims for s in operand_shapes for dtype, dims in arrays(s)
+           if len(dims) == 4 and dtype in ("bf16", "f32", "f16")),
+          key=lambda d: d[1], default=None)
+  if phase is None or q is None:
+    return 0.0
+  b, heads, t, e = q
+  suffix = {"fwd": "", "dq": "_dq", "dkv": "_dkv"}[phase]
+  blocks = []
+  for axis in ("q", "kv"):
+    m = (re.search(_BLOCK_RE.format(axis + suffix), attrs) or
+         re.search(_BLOCK_RE.format(axis), attrs))
+    blocks.append(int(m.group(1)) if m else t)
+  bq, bk = blocks
+  computed = sum(1 for i in range(-(-t // bq)) for j in range(-(-t // bk))
+                 if j * bk <= (i + 1) * bq - 1)
+  return 2.0 * SPLASH_MATMULS[phase] * b * heads * computed * bq * bk * e
 

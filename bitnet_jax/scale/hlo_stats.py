@@ -20,7 +20,11 @@ trip counts. This module walks `compiled.as_text()` itself and applies them:
                  forward (Q K^T and P V), 2.5x that backward (five matmuls),
                  times the visible share of a causal mask; cuBLAS GEMMs
                  (`__cublas$gemm`, `__cublas$lt$matmul`) by their dot
-                 dimensions. Their bytes are operands + results like any op
+                 dimensions; this project's Pallas kernels (Mosaic
+                 `tpu_custom_call`, named by the kernel) by the matmul
+                 passes they run (kernels/h_input.mxu_flops). Their bytes
+                 are operands + results like any op; `custom_calls()`
+                 lists each with its count, FLOPs and bytes
   collectives    all-gather / reduce-scatter / all-reduce / all-to-all /
                  collective-permute: count, payload and ring traffic per device
                  (all-gather (n-1)/n of the result, reduce-scatter (n-1)/n of
@@ -42,7 +46,8 @@ import re
 from typing import Iterable
 
 from bitnet_jax.scale.hlo_flops import (F32_DEFAULT, conv_flops,
-                                        custom_call_flops, dot_flops)
+                                        custom_call_flops, custom_call_name,
+                                        dot_flops)
 from bitnet_jax.scale.hlo_text import (ARRAY_RE, COLLECTIVES, DTYPE_BYTES, FREE_OPS,
                                  NAME_RE, Instruction, arrays, group_size,
                                  parse, replica_groups, shape_bytes)
@@ -68,6 +73,7 @@ class Op:
   flops: dict[str, float]   # operand dtype -> matmul FLOPs per execution
   bytes: float              # HBM bytes per execution (operands + result)
   count: float
+  custom_call: str = ""     # hlo_flops.custom_call_name, for custom calls
 
 
 @dataclasses.dataclass
@@ -92,6 +98,20 @@ class ProgramStats:
   @property
   def hbm_bytes(self) -> float:
     return sum(op.bytes * op.count for op in self.ops)
+
+  def custom_calls(self) -> dict[str, dict[str, float]]:
+    """Per custom call (name): executions, matmul FLOPs and HBM bytes per
+    step, the costs the roofline charges it (XLA's own cost analysis
+    counts none of a Pallas kernel)."""
+    out: dict[str, dict[str, float]] = {}
+    for op in self.ops:
+      if op.custom_call:
+        row = out.setdefault(op.custom_call, {"count": 0.0, "flops": 0.0,
+                                              "bytes": 0.0})
+        row["count"] += op.count
+        row["flops"] += sum(op.flops.values()) * op.count
+        row["bytes"] += op.bytes * op.count
+    return out
 
   def collective_bytes(self, kind: str | None = None, traffic=False,
                        inter_host: bool | None = None) -> float:
@@ -197,8 +217,11 @@ class _Walker:
 
   def _callees(self, inst: Instruction) -> list[str]:
     out = []
-    for key in ("calls", "branch_computations", "true_computation",
-                "false_computation"):
+    keys = ["calls", "branch_computations", "true_computation",
+            "false_computation"]
+    if inst.opcode == "call":  # e.g. a shard_map body kept as a call
+      keys.append("to_apply")
+    for key in keys:
       value = inst.attr(key)
       if value:
         out += [c for c in (NAME_RE.findall(value) or [value.lstrip("%")])
@@ -238,7 +261,9 @@ class _Walker:
                    if (d, dims) not in buffers)
       if op == "fusion":
         nbytes -= self._sliced_savings(inst, shapes)
-      self.ops.append(Op(inst.name, dict(flops), nbytes, scale))
+      self.ops.append(Op(inst.name, dict(flops), nbytes, scale,
+                         custom_call_name(inst) if op == "custom-call"
+                         else ""))
 
   def _sliced_savings(self, inst: Instruction, shapes) -> float:
     """Bytes a fusion does not move although its operands / result hold

@@ -108,11 +108,29 @@ def _split_instruction(line: str) -> Instruction | None:
                      rest[j + 1:], inside.strip())
 
 
+def _logical_lines(text: str):
+  """The program's lines with an instruction's continuation lines joined:
+  a Pallas call's backend config can hold newlines (splash attention's
+  metadata does), which would otherwise read as the end of a computation."""
+  pending = None
+  for line in text.splitlines():
+    header = (line.startswith(("%", "ENTRY ")) and line.rstrip().endswith("{"))
+    if pending is not None and line and not line[0].isspace() and not (
+        header or line.strip() == "}"):
+      pending += "\n" + line
+      continue
+    if pending is not None:
+      yield pending
+    pending = line
+  if pending is not None:
+    yield pending
+
+
 def parse(text: str) -> tuple[dict[str, list[Instruction]], str]:
   """{computation name: instructions} and the entry computation's name."""
   comps: dict[str, list[Instruction]] = {}
   entry, current = "", None
-  for line in text.splitlines():
+  for line in _logical_lines(text):
     if not line.strip() or line.startswith(("HloModule", "//", "FileNames",
                                             "FunctionNames", "FileLocations",
                                             "StackFrames")):
