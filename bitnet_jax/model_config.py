@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 
 from bitnet_jax import hadamard as hadamard_lib
+from bitnet_jax.kernels import splash
 from bitnet_jax.errors import ConfigError
 
 VARIANTS = ("fp", "b1.58", "v2", "a4.8")
@@ -48,9 +49,7 @@ DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 # operands, head dims that are multiples of 8 up to 128.
 CUDNN_DTYPES = ("bfloat16", "float16")
 CUDNN_MAX_HEAD_DIM = 128
-# Pallas splash attention (kernels/splash.py) tiles the sequence by 128 lanes
 ATTENTION_IMPLS = ("", "xla", "cudnn", "splash", "splash_interpret")
-SPLASH_LANES = 128
 # Keys of config.quant that belong to the training loop, not the model.
 TRAINING_QUANT_KEYS = ("a4_start_step",)
 
@@ -75,7 +74,7 @@ def attention_for(cfg: "ModelConfig", platform: str) -> str:
   memory), XLA's elsewhere; a GPU model that cuDNN cannot run falls back to
   XLA, said once per reason."""
   if platform == "tpu":
-    return "splash" if cfg.seq_len % SPLASH_LANES == 0 else "xla"
+    return "splash" if splash.applies(cfg.seq_len) else "xla"
   if platform != "gpu":
     return "xla"
   why = cudnn_attention_refusal(cfg)
@@ -153,13 +152,13 @@ class ModelConfig:
     one_of("remat", REMAT_POLICIES)
     one_of("dtype", DTYPES)
     one_of("attention_impl", ATTENTION_IMPLS)
-    if self.attention_impl.startswith("splash") and not (
-        self.seq_len % SPLASH_LANES == 0):
+    if self.attention_impl.startswith("splash") and not splash.applies(
+        self.seq_len):
       bad("attention_impl", f"splash attention needs seq_len a multiple of "
-          f"{SPLASH_LANES}, got {self.seq_len}")
-    if self.attention_block < 0 or self.attention_block % SPLASH_LANES:
+          f"{splash.LANES}, got {self.seq_len}")
+    if self.attention_block < 0 or self.attention_block % splash.LANES:
       bad("attention_block", f"must be 0 (by chip) or a multiple of "
-          f"{SPLASH_LANES}, got {self.attention_block}")
+          f"{splash.LANES}, got {self.attention_block}")
     one_of("weight_scale", WEIGHT_SCALES)
     one_of("activation", ("", "swiglu", "relu2"))
     one_of("train_matmul", ("auto",) + TRAIN_MATMULS)

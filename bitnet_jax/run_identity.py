@@ -127,7 +127,7 @@ def check_restart(saved, config, workdir: str) -> list[tuple]:
 def check_init_from(source_config, config, source: str) -> None:
   """Refuse init_from a run whose variant or form differs (unless the
   config says init_from_any_variant, for an experiment)."""
-  if source_config is None or config.get("init_from_any_variant", False):
+  if source_config is None or config.init_from_any_variant:
     return
   changed = identity_changes(source_config, config, INIT_FROM_IDENTITY)
   if changed:

@@ -47,7 +47,7 @@ def _per_shard(fn, axes, in_specs, out_specs):
 
 
 def _codes(x, norm_scale, bits, eps, impl):
-  lead, n = x.shape[:-1], x.shape[-1]
+  n = x.shape[-1]
 
   def local(x_local, s):
     rows = x_local.reshape(-1, n)
@@ -57,8 +57,7 @@ def _codes(x, norm_scale, bits, eps, impl):
             scales.reshape(*x_local.shape[:-1], 1))
   fn = _per_shard(local, partitioning.token_axes(x.shape[0]),
                   ("tokens", "whole"), ("tokens", "tokens"))
-  codes, scales = fn(x, norm_scale)
-  return codes.reshape(*lead, n), scales
+  return fn(x, norm_scale)
 
 
 def _input_grads(x, norm_scale, dq, eps, impl):
@@ -105,6 +104,4 @@ def _backward(bits, groups, dtype, layouts, eps, impl, residuals, g):
   return dx, ds.astype(norm_scale.dtype), dw
 
 
-h_bitlinear.defvjp(
-    lambda x, s, w, bits, groups, dtype, layouts, eps, impl: _forward(
-        x, s, w, bits, groups, dtype, layouts, eps, impl), _backward)
+h_bitlinear.defvjp(_forward, _backward)
