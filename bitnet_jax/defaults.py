@@ -83,16 +83,18 @@ def base_config() -> ml_collections.ConfigDict:
   q.train_matmul = "auto"          # latent weights while training: float (fake-
                                    # quantized values) | int8 (integer forward,
                                    # STE backward, int8 FSDP gathers) | auto
-                                   # (int8 on TPU and CPU, float on GPU)
+                                   # (int8 on TPU and CPU; on GPU int8 with the
+                                   # fused input kernel, else from d_model 4096)
   q.mean_centre = False            # v2: H-BitLinear quantizes H x - mu and adds
                                    # Q_w(W) mu back; mu (the token-shared offset
                                    # of H x) is calibrated when 4-bit activations
                                    # start (training/centring.py)
   q.quantized = True               # False: float weights and activations (reference)
   q.input_kernel = ""              # H-BitLinear input (RMSNorm -> H -> quantize):
-                                   # "" = by backend (one Pallas kernel on TPU
-                                   # where it applies; jnp stages on GPU, CPU) |
-                                   # jnp | mosaic | interpret (CPU tests)
+                                   # "" = by backend (one Pallas kernel where it
+                                   # applies: Mosaic on TPU, Triton on GPU; jnp
+                                   # stages on CPU) | jnp | mosaic | triton |
+                                   # interpret | triton_interpret (CPU tests)
 
   o = c.opt = ml_collections.ConfigDict()
   o.lr = 1.5e-3                    # stage-1 peak learning rate (Table 9, left)

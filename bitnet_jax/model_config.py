@@ -26,19 +26,19 @@ WEIGHT_FORMS = ("latent", "int8", "packed")
 TRAIN_MATMULS = ("float", "int8")   # how latent weights multiply in training
 # quant.train_matmul='auto' by backend, from measurements (docs/scale.md, "Integer
 # matmuls in training"): int8 on TPU (compiled estimate) and CPU (bench);
-# on GPU by width, from the compiled estimate (docs/gpu_fit_table.md, H100
-# and B200): int8 from d_model 4096 (the 3B and 7B steps are estimated
-# 9-17% faster with int8 GEMMs), float below (the 400M and 1.3B steps are
-# slower: there the extra quantize passes cost more HBM time than the int8
-# tensor cores save), until a GPU measures otherwise
+# on GPU int8 where the fused H-BitLinear input kernel runs (the 400M to
+# 7B steps are estimated 19-29% faster than with float matmuls,
+# docs/gpu_fit_table.md), and without the kernel (input_kernel=jnp) from
+# d_model 4096 only (below, the jnp quantize passes cost more HBM time than
+# the int8 tensor cores save), until a GPU measures otherwise
 # (python -m bitnet_jax.scale.gpu_measure)
 AUTO_TRAIN_MATMUL = {"tpu": "int8", "cpu": "int8"}
 GPU_INT8_MIN_D_MODEL = 4096
 WEIGHT_SCALES = ("projection", "tensor")
 # quant.input_kernel: the H-BitLinear input as jnp stages or one Pallas
 # kernel (kernels/h_input.py); '' resolves by backend (for_platform)
-INPUT_KERNELS = ("", "jnp", "mosaic", "interpret")
-AUTO_INPUT_KERNEL = {"tpu": "mosaic"}   # GPU: the jnp stages (no Triton kernel yet)
+INPUT_KERNELS = ("", "jnp", "mosaic", "interpret", "triton", "triton_interpret")
+AUTO_INPUT_KERNEL = {"tpu": "mosaic", "gpu": "triton"}
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -126,8 +126,8 @@ class ModelConfig:
   quantized: bool = True              # False: float weights and activations
   train_matmul: str = "auto"          # 'int8': integer forward while training
   mean_centre: bool = False           # v2: centred H-BitLinear (offset mu)
-  input_kernel: str = ""              # "" (by backend), jnp, mosaic,
-                                      # interpret (kernels/h_input.py)
+  input_kernel: str = ""              # "" (by backend), jnp, mosaic, triton,
+                                      # [triton_]interpret (kernels/h_input.py)
 
   def __post_init__(self):
     def bad(field, msg):
@@ -217,16 +217,18 @@ class ModelConfig:
     """train_matmul='auto', attention_impl='' and input_kernel='' resolved
     for a backend ('cpu', 'tpu', 'gpu')."""
     changes = {}
+    kernel = self.input_kernel or AUTO_INPUT_KERNEL.get(platform, "jnp")
     if self.train_matmul == "auto":
       if platform == "gpu":
-        changes["train_matmul"] = ("int8" if self.d_model >= GPU_INT8_MIN_D_MODEL
-                                   else "float")
+        changes["train_matmul"] = (
+            "int8" if kernel != "jnp" or self.d_model >= GPU_INT8_MIN_D_MODEL
+            else "float")
       else:
         changes["train_matmul"] = AUTO_TRAIN_MATMUL.get(platform, "float")
     if not self.attention_impl:
       changes["attention_impl"] = attention_for(self, platform)
     if not self.input_kernel:
-      changes["input_kernel"] = AUTO_INPUT_KERNEL.get(platform, "jnp")
+      changes["input_kernel"] = kernel
     return self.replace(**changes) if changes else self
 
   def replace(self, **changes) -> "ModelConfig":

@@ -39,14 +39,19 @@ def integer_matmul(x_codes: jax.Array, w_codes: jax.Array) -> jax.Array:
 
 
 def scale_product(acc: jax.Array, x_scale: jax.Array, w_scale: jax.Array,
-                  groups, out_ndim: int) -> jax.Array:
+                  groups, out_ndim: int, sums_dtype=jnp.float32) -> jax.Array:
   """acc [..., *out] (int32) times the per-token scales x_scale [..., 1] and
-  the weight scale (a scalar, or per projection along the output axes)."""
+  the weight scale (a scalar, or per projection along the output axes), in
+  f32. sums_dtype: what the integer sums are rounded to first. Training
+  passes the layer's output dtype: in bf16 that is one more bf16 rounding
+  (relative 2^-9, as the output's own), and it lets the GEMM write its
+  result in 2 bytes instead of 4: the convert fuses into the GEMM, the
+  scaling, which XLA fuses into the consumer, then reads half the bytes."""
   if groups is not None:  # groups index the kernel [in, *out]: axis - 1 here
     axis, segments = groups
     w_scale = quant.spread(w_scale, (axis - 1, segments), out_ndim)
   x_scale = x_scale.reshape(*x_scale.shape[:-1], *([1] * out_ndim))
-  return acc.astype(jnp.float32) * (x_scale * w_scale)
+  return acc.astype(sums_dtype).astype(jnp.float32) * (x_scale * w_scale)
 
 
 def kernel_codes(w, groups, layouts):
@@ -77,7 +82,8 @@ def _forward(x, w, bits, groups, dtype, layouts):
   x_codes, x_scale = quant.activation_codes(x, bits)
   w_codes, alpha = kernel_codes(w, groups, layouts)
   acc = integer_matmul(x_codes, w_codes)
-  y = scale_product(acc, x_scale, alpha, groups, w.ndim - 1).astype(dtype)
+  y = scale_product(acc, x_scale, alpha, groups, w.ndim - 1,
+                    dtype).astype(dtype)
   # residuals: int8 codes of both operands (the weight's as gathered, so the
   # backward gathers nothing) and zero-size arrays carrying the dtypes
   return y, (x_codes, x_scale, w_codes, alpha, jnp.zeros((0,), x.dtype),

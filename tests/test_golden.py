@@ -36,12 +36,14 @@ def test_one_step_equals_golden(case):
   check_one_step(case)
 
 
-@pytest.mark.parametrize("case", ["v2_a8", "v2_a4"])
-def test_one_step_with_the_fused_input_kernel_equals_golden(case):
+@pytest.mark.parametrize("case,kernel", [("v2_a8", "interpret"),
+                                         ("v2_a4", "interpret"),
+                                         ("v2_a4", "triton_interpret")])
+def test_one_step_with_the_fused_input_kernel_equals_golden(case, kernel):
   """The same golden values through the integer matmul and the fused
-  RMSNorm -> Hadamard -> quantize kernel (kernels/h_input.py, run by
-  Pallas' interpreter): W_o and W_down take the kernel."""
-  check_one_step(case, train_matmul="int8", input_kernel="interpret")
+  RMSNorm -> Hadamard -> quantize kernel (kernels/h_input.py, the TPU or
+  the GPU one, run by Pallas' interpreter): W_o and W_down take it."""
+  check_one_step(case, train_matmul="int8", input_kernel=kernel)
 
 
 def check_one_step(case, **quant):

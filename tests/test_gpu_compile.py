@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from bitnet_jax import chips
+from bitnet_jax.kernels import h_input
 from bitnet_jax.scale import dry_run, gpu_topology, hlo_stats, hlo_text
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -130,11 +131,20 @@ def test_cudnn_attention_flops_are_counted():
 
 def test_int8_training_matmuls_are_int8_gemms_on_gpu():
   """quant.train_matmul=int8 on an H100: every projection's forward is an
-  s8 x s8 -> s32 dot inside a Triton GEMM fusion, and the weight gathers
-  move int8 codes; the float program (the control) has none."""
+  s8 x s8 -> s32 dot inside a Triton GEMM fusion, the weight gathers move
+  int8 codes, and W_o / W_down take their input from the fused Triton
+  kernel (kernels/h_input_triton.py: forward, rematerialised forward,
+  backward), so no FWHT op remains; the float program (the control) has no
+  integer dot and runs the jnp FWHT."""
   needs_plugin()
-  _, text, _ = compile_for("h100:2", small_config(**{
+  report, text, _ = compile_for("h100:2", small_config(**{
       "quant.train_matmul": "int8"}))
+  kernel = "__gpu$xla.gpu.triton:"
+  assert report["custom_calls"].get(kernel + h_input.FORWARD_NAME, 0) >= 2
+  assert report["custom_calls"].get(kernel + h_input.BACKWARD_NAME, 0) >= 1
+  assert "_fwht_impl" not in text  # the jnp FWHT's ops are named so
+  assert "custom call " + kernel + h_input.FORWARD_NAME in \
+      dry_run.format_report(report)
   for site in ("qkv", "/o/", "up_gate", "down"):
     assert re.search(r"= s32\[[\d,]*\]\{[^}]*\} dot\([^\n]*op_name=\"[^\"]*"
                      + re.escape(site), text), site
@@ -147,6 +157,7 @@ def test_int8_training_matmuls_are_int8_gemms_on_gpu():
   _, float_text, _ = compile_for("h100:2", small_config(**{
       "quant.train_matmul": "float"}))
   assert not re.search(r"= s32\[[\d,]*\]\{[^}]*\} dot\(", float_text)
+  assert "_fwht_impl" in float_text and h_input.FORWARD_NAME not in float_text
 
 
 def test_hsdp_across_two_hosts():

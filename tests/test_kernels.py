@@ -1,5 +1,6 @@
-"""The fused H-BitLinear input kernel (kernels/h_input.py) on CPU through
-Pallas' interpreter, against float64 numpy formulas of the paper's
+"""The fused H-BitLinear input kernels (kernels/h_input.py: the TPU one,
+"interpret", and the GPU one, "triton_interpret") on CPU through Pallas'
+interpreter, against float64 numpy formulas of the paper's
 equations (RMSNorm, Eq. 3-4 Hadamard, Eq. 5 absmax INT8, Eq. 6 absmean
 INT4) and against the jnp stages of layers.BitLinear; its backward against
 the float64 derivative (Eq. 8: the Hadamard of the gradient, then the
@@ -10,7 +11,7 @@ import jax.numpy as jnp
 import pytest
 
 from bitnet_jax import hadamard, quant
-from bitnet_jax.kernels import h_input
+from bitnet_jax.kernels import h_input, row_math
 from bitnet_jax.layers import BitLinear, QuantConfig, RMSNorm
 
 EPS_NORM = 1e-5
@@ -55,21 +56,27 @@ def near_boundary(v, lo, hi, tol):
 def test_rounding_is_half_to_even():
   v = jnp.asarray([-2.5, -1.5, -0.5, 0.5, 1.5, 2.5, 126.5, -127.5, 0.49999997,
                    -0.50000006, 3.2, -3.7, 0.0])
-  np.testing.assert_array_equal(h_input.round_half_even(v), np.round(v))
+  np.testing.assert_array_equal(row_math.round_half_even(v), np.round(v))
   r = jax.random.uniform(jax.random.PRNGKey(0), (4096,), minval=-130,
                          maxval=130)
-  np.testing.assert_array_equal(h_input.round_half_even(r), np.round(r))
+  np.testing.assert_array_equal(row_math.round_half_even(r), np.round(r))
 
 
-@pytest.mark.parametrize("n,bits,dtype", [
-    (n, bits, dtype) for n in (256, 12 * 64) for bits in (8, 4)
-    for dtype in (jnp.float32, jnp.bfloat16)] + [
-    (4096, 8, jnp.bfloat16), (4096, 4, jnp.float32)])  # 32 chunks: slow
-def test_codes_and_scales_match_the_float64_reference(n, bits, dtype):
+# the TPU kernel's body (Mosaic) and the GPU kernel's (Triton), interpreted
+IMPLS = ("interpret", "triton_interpret")
+
+
+@pytest.mark.parametrize("impl,n,bits,dtype", [
+    (impl, n, bits, dtype) for impl in IMPLS for n in (256, 12 * 64)
+    for bits in (8, 4) for dtype in (jnp.float32, jnp.bfloat16)
+    if h_input.supported(n, impl)] + [
+    (impl, 4096, bits, dtype) for impl in IMPLS
+    for bits, dtype in ((8, jnp.bfloat16), (4, jnp.float32))])
+def test_codes_and_scales_match_the_float64_reference(impl, n, bits, dtype):
   rows = 24 if n == 4096 else 40  # not a multiple of the row block: padding
   x, s = inputs(rows, n, dtype)
   codes, scales = h_input.quantized_input(x, s, bits=bits, eps=EPS_NORM,
-                                          impl="interpret")
+                                          impl=impl)
   assert codes.dtype == jnp.int8 and codes.shape == (rows, n)
   assert scales.dtype == jnp.float32 and scales.shape == (rows, 1)
   v, want, want_scale = reference(np.asarray(x, np.float64), np.asarray(s),
@@ -85,15 +92,16 @@ def test_codes_and_scales_match_the_float64_reference(n, bits, dtype):
   assert differ.sum() <= max(2, 1e-3 * differ.size)
 
 
+@pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("bits", [8, 4])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_codes_match_the_jnp_stages(bits, dtype):
+def test_codes_match_the_jnp_stages(impl, bits, dtype):
   """The jnp path rounds the norm's output and the rotation's to the
   compute dtype; codes differ only where that rounding crosses a level."""
   n = 1024
   x, s = inputs(32, n, dtype, seed=1)
   codes, scales = h_input.quantized_input(x, s, bits=bits, eps=EPS_NORM,
-                                          impl="interpret")
+                                          impl=impl)
   norm = RMSNorm(EPS_NORM)
   y = norm.apply({"params": {"scale": s}}, x)
   jnp_codes, jnp_scales = quant.activation_codes(hadamard.fwht(y), bits)
@@ -113,14 +121,16 @@ def test_codes_match_the_jnp_stages(bits, dtype):
   assert gap.max() <= 1
 
 
-@pytest.mark.parametrize("n", [256, 12 * 64])
-def test_backward_is_the_hadamard_then_the_rmsnorm_derivative(n):
+@pytest.mark.parametrize("impl,n", [("interpret", 256), ("interpret", 12 * 64),
+                                    ("triton_interpret", 256),
+                                    ("triton_interpret", 4096)])
+def test_backward_is_the_hadamard_then_the_rmsnorm_derivative(impl, n):
   """Eq. 8 with the norm: dx = d/dx <H RMSNorm(x; s), dz>, ds likewise, in
   float64 by the closed form, and equal to jax.grad of the jnp stages."""
   x, s = inputs(40, n, jnp.float32, seed=2)
   dz = jnp.asarray(np.random.default_rng(3).standard_normal((40, n)),
                    jnp.float32)
-  dx, ds = h_input.input_grads(x, s, dz, eps=EPS_NORM, impl="interpret")
+  dx, ds = h_input.input_grads(x, s, dz, eps=EPS_NORM, impl=impl)
   x64, s64, dz64 = (np.asarray(a, np.float64) for a in (x, s, dz))
   inv = 1 / np.sqrt(np.mean(x64 * x64, -1, keepdims=True) + EPS_NORM)
   y_hat = x64 * inv
@@ -142,14 +152,15 @@ def test_backward_is_the_hadamard_then_the_rmsnorm_derivative(n):
                              atol=1e-5 * np.abs(want_ds).max())
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_the_layer_with_the_kernel_is_the_layer_with_stages(bits):
+@pytest.mark.parametrize("impl,bits", [("interpret", 8), ("interpret", 4),
+                                       ("triton_interpret", 8)])
+def test_the_layer_with_the_kernel_is_the_layer_with_stages(impl, bits):
   """BitLinear (v2 H-BitLinear, integer matmul): the fused kernel and the jnp
   stages give the same output, loss gradient and parameter gradients in
   float32 (the straight-through backward of Eq. 8 through both)."""
   x = jax.random.normal(jax.random.PRNGKey(1), (4, 8, 256)) * 3
   out = {}
-  for kernel in ("jnp", "interpret"):
+  for kernel in ("jnp", impl):
     layer = BitLinear(features=128, kernel_axes=("mlp", "embed"),
                       rotation="activation", norm_eps=EPS_NORM,
                       quant=QuantConfig(act_bits=bits, matmul="int8",
@@ -159,7 +170,7 @@ def test_the_layer_with_the_kernel_is_the_layer_with_stages(bits):
     def loss(p, x):
       return jnp.sum(layer.apply(p, x) ** 2)
     out[kernel] = jax.value_and_grad(loss, (0, 1))(params, x)
-  (l_ref, g_ref), (l_k, g_k) = out["jnp"], out["interpret"]
+  (l_ref, g_ref), (l_k, g_k) = out["jnp"], out[impl]
   np.testing.assert_allclose(l_k, l_ref, rtol=1e-6)
   for a, b in zip(jax.tree.leaves(g_k), jax.tree.leaves(g_ref)):
     np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-6 * np.abs(b).max())
@@ -186,6 +197,15 @@ def test_the_kernel_applies_only_where_it_computes_the_same_stages():
     used[name] = "pallas_call" in str(jax.make_jaxpr(layer.apply)(params, x))
   assert used == {"int8 matmul, Hadamard": True, "float matmul": False,
                   "centred": False, "top-K": False, "no rotation": False}
+  # the GPU kernel takes powers of two (a Paley width takes the stages)
+  for width, want in ((256, True), (12 * 32, False)):
+    x = jnp.ones((2, 4, width))
+    layer = BitLinear(quant=QuantConfig(matmul="int8",
+                                        input_kernel="triton_interpret"),
+                      **base)
+    params = layer.init(jax.random.PRNGKey(0), x)
+    assert ("pallas_call" in str(jax.make_jaxpr(layer.apply)(params, x))
+            ) == want, width
   with pytest.raises(ValueError, match="input_kernel must be"):
     QuantConfig(input_kernel="cuda")
 

@@ -90,7 +90,7 @@ def _forward(x, norm_scale, w, bits, groups, dtype, layouts, eps, impl):
   w_codes, alpha = ternary_matmul.kernel_codes(w, groups, layouts)
   acc = ternary_matmul.integer_matmul(codes, w_codes)
   y = ternary_matmul.scale_product(acc, scales, alpha, groups,
-                                   w.ndim - 1).astype(dtype)
+                                   w.ndim - 1, dtype).astype(dtype)
   return y, (x, norm_scale, codes, scales, w_codes, alpha,
              jnp.zeros((0,), w.dtype))
 

@@ -301,9 +301,9 @@ def custom_calls(text: str) -> dict[str, int]:
   """custom call (hlo_flops.custom_call_name: the target, and a Pallas
   kernel's name) -> sites in the optimized program."""
   out: dict[str, int] = {}
-  for m in re.finditer(r'%([\w.\-]+) = [^\n]*?custom_call_target="([^"]+)"',
-                       text):
-    name = hlo_flops.call_name(m.group(2), m.group(1))
+  for m in re.finditer(
+      r'%([\w.\-]+) = [^\n]*?custom_call_target="([^"]+)"([^\n]*)', text):
+    name = hlo_flops.call_name(m.group(2), m.group(1), m.group(3))
     out[name] = out.get(name, 0) + 1
   return out
 

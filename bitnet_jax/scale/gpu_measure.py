@@ -7,12 +7,17 @@ medians. Writes one JSON and prints a short table:
 
   train     the step of a 400M-wide (d 1024, 16 heads, d_ff 4096), 4-layer
             model at 16 x 2048 tokens: fp / v2 float / v2 int8 training
-            matmuls, XLA vs cuDNN attention; measured step and MFU next to
+            matmuls (with the fused input kernel, and with the jnp stages),
+            XLA vs cuDNN attention; measured step and MFU next to
             the dry run's roofline estimate of the same compiled program
             (dry_run.summarize), and each step / the fp step with the same
             attention
   fwht      the 4096-point Hadamard of [32768, 4096] bf16 vs a same-size
             copy (x * 1 + 0 through HBM)
+  kernel    the fused H-BitLinear input (kernels/h_input_triton.py: RMSNorm
+            -> Hadamard -> int8 codes, and its backward) on [32768, 4096]
+            bf16 vs the jnp stages it replaces, and vs its own HBM bytes at
+            the GPU's bandwidth (its roofline)
   gemm      [16384, 4096] x [4096, 4096]: int8 -> int32 vs bf16 -> f32
   decode    the 4-layer v2 model exported as int8 codes vs the bf16 fp model:
             decode tokens/s at batch 1, 8, 64 (bench's decoder)
@@ -38,16 +43,19 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("out", "gpu_measure.json", "Where the JSON goes.")
 # --rounds, --only and --small (toy sizes, any backend) are bench's flags.
 
-TRAIN_CASES = (("fp", "float", "xla"), ("fp", "float", "cudnn"),
-               ("v2", "float", "xla"), ("v2", "float", "cudnn"),
-               ("v2", "int8", "cudnn"))
+# (variant, training matmul, H-BitLinear input: '' = by backend | jnp, attention)
+TRAIN_CASES = (("fp", "float", "", "xla"), ("fp", "float", "", "cudnn"),
+               ("v2", "float", "", "xla"), ("v2", "float", "", "cudnn"),
+               ("v2", "int8", "", "cudnn"), ("v2", "int8", "jnp", "cudnn"))
 
 
-def train_config(variant: str, matmul: str, attention: str, smoke: bool):
+def train_config(variant: str, matmul: str, kernel: str, attention: str,
+                 smoke: bool):
   from bitnet_jax import defaults
   config = defaults.paper_config("400m", act_bits=8)  # configs/bitnet_v2_400m.py
   config.model.update(num_layers=4, variant=variant, attention_impl=attention)
   config.quant.train_matmul = matmul
+  config.quant.input_kernel = kernel
   config.mesh.update(data=1, fsdp=1, tensor=1, dcn_data=1)
   config.data.batch_size = 16
   if smoke:
@@ -57,38 +65,51 @@ def train_config(variant: str, matmul: str, attention: str, smoke: bool):
   return config
 
 
-def measure_train(rounds: int, smoke: bool) -> dict:
-  from bitnet_jax import chips
-  from bitnet_jax.scale import dry_run
+def compile_case(config, device, chip):
+  """(a no-argument call of the compiled train step, its report row)."""
   from bitnet_jax.data.batch import Batch
+  from bitnet_jax.model import Transformer
+  from bitnet_jax.scale import dry_run
   from bitnet_jax.training import run_setup
   from bitnet_jax.training import train_step as step_lib
+  setup = run_setup.build(config, [device])
+  model = Transformer(setup.model_cfg)
+  state = jax.jit(step_lib.unboxed_init(model, setup.tx))(
+      jax.random.PRNGKey(0))
+  tokens = Batch(jnp.asarray(np.random.default_rng(0).integers(
+      0, config.model.vocab_size,
+      (config.data.batch_size, config.model.seq_len + 1)), jnp.int32))
+  compiled = jax.jit(step_lib.make_train_step(model, setup.tx)).lower(
+      state, tokens).compile()
+  r = dry_run.summarize(setup, compiled, chip, "1 device")
+  return (functools.partial(lambda f, s, b: f(s, b)[1], compiled, state,
+                            tokens),
+          {"model_flops": r["model_flops"], "attention": r["attention"],
+           "estimate_s": r.get("estimate", {}).get("step_s"),
+           "temp_gib": r["temp_gib"]})
+
+
+def measure_train(rounds: int, smoke: bool) -> dict:
+  from bitnet_jax import chips
   device = jax.devices()[0]
   chip = chips.for_device_kind(device.device_kind)
-  fns, out = {}, {}
-  for variant, matmul, attention in TRAIN_CASES:
-    name = f"{variant} {matmul} {attention}"
+  fns, out, same = {}, {}, {}  # same: row -> the row that ran its program
+  first: dict[tuple, str] = {}
+  for variant, matmul, kernel, attention in TRAIN_CASES:
+    stages = "+stages" if kernel == "jnp" else ""
+    name = f"{variant} {matmul}{stages} {attention}"
     if smoke and attention == "cudnn" and device.platform != "gpu":
       attention = "xla"  # the row keeps its name; "attention" says what ran
-    config = train_config(variant, matmul, attention, smoke)
-    setup = run_setup.build(config, [device])
-    bits = setup.model_cfg.act_bits
-    from bitnet_jax.model import Transformer
-    model = Transformer(setup.model_cfg.replace(act_bits=bits))
-    state = jax.jit(step_lib.unboxed_init(model, setup.tx))(
-        jax.random.PRNGKey(0))
-    tokens = jnp.asarray(np.random.default_rng(0).integers(
-        0, config.model.vocab_size,
-        (config.data.batch_size, config.model.seq_len + 1)), jnp.int32)
-    step = jax.jit(step_lib.make_train_step(model, setup.tx))
-    compiled = step.lower(state, Batch(tokens)).compile()
-    r = dry_run.summarize(setup, compiled, chip, "1 device")
-    fns[name] = functools.partial(lambda f, s, b: f(s, b)[1], compiled, state,
-                                  Batch(tokens))
-    out[name] = {"model_flops": r["model_flops"], "attention": r["attention"],
-                 "estimate_s": r.get("estimate", {}).get("step_s"),
-                 "temp_gib": r["temp_gib"]}
+    case = (variant, matmul, kernel, attention)
+    if case in first:  # off a GPU the cudnn rows run XLA's: compiled once
+      same[name] = first[case]
+      continue
+    first[case] = name
+    fns[name], out[name] = compile_case(
+        train_config(variant, matmul, kernel, attention, smoke), device, chip)
   times = bench.time_interleaved(fns, rounds)
+  for name, ran in same.items():
+    out[name], times[name] = dict(out[ran]), times[ran]
   for name, t in times.items():
     row = out[name]
     row["step_s"] = t
@@ -109,6 +130,45 @@ def measure_fwht(rounds: int, smoke: bool) -> dict:
   return {"shape": [rows, n], "fwht_s": t["fwht"], "copy_s": t["copy"],
           "x_copy": t["fwht"] / t["copy"],
           "copy_bytes_per_s": moved / t["copy"]}
+
+
+def measure_kernel(rounds: int, smoke: bool) -> dict:
+  from bitnet_jax import chips, quant
+  from bitnet_jax.kernels import h_input
+  rows, n = (64, 256) if smoke else (32768, 4096)
+  device = jax.devices()[0]
+  impl = "triton" if device.platform == "gpu" else "triton_interpret"
+  rng = np.random.default_rng(3)
+  x = jnp.asarray(rng.standard_normal((rows, n)), jnp.bfloat16)
+  dz = jnp.asarray(rng.standard_normal((rows, n)), jnp.bfloat16)
+  s = jnp.ones((n,), jnp.float32)
+
+  def stages(x, s):  # what layers.BitLinear runs without the kernel
+    y = (x.astype(jnp.float32) * jax.lax.rsqrt(jnp.mean(
+        jnp.square(x.astype(jnp.float32)), -1, keepdims=True) + 1e-5)
+         * s).astype(x.dtype)
+    return quant.activation_codes(hadamard.fwht(y), 8)
+  stages_bwd = jax.jit(jax.grad(lambda x, s: jnp.sum(
+      hadamard.fwht((x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True)
+                                       + 1e-5) * s).astype(x.dtype))
+      .astype(jnp.float32) * dz), (0, 1)))
+  fns = {
+      "kernel_fwd": functools.partial(jax.jit(functools.partial(
+          h_input.quantized_input, bits=8, eps=1e-5, impl=impl)), x, s),
+      "stages_fwd": functools.partial(jax.jit(stages), x, s),
+      "kernel_bwd": functools.partial(jax.jit(functools.partial(
+          h_input.input_grads, eps=1e-5, impl=impl)), x, s, dz),
+      "stages_bwd": functools.partial(stages_bwd, x, s)}
+  t = bench.time_interleaved(fns, rounds)
+  out = {"shape": [rows, n], "impl": impl, **{k + "_s": v for k, v in t.items()},
+         "fwd_x_stages": t["kernel_fwd"] / t["stages_fwd"],
+         "bwd_x_stages": t["kernel_bwd"] / t["stages_bwd"]}
+  chip = chips.for_device_kind(device.device_kind)
+  if chip:  # the kernel's own roofline: its HBM bytes at the bandwidth
+    fwd_bytes, bwd_bytes = rows * n * (2 + 1), rows * n * (2 + 2 + 2)
+    out["fwd_x_roofline"] = t["kernel_fwd"] / (fwd_bytes / chip.hbm_bw)
+    out["bwd_x_roofline"] = t["kernel_bwd"] / (bwd_bytes / chip.hbm_bw)
+  return out
 
 
 def measure_gemm(rounds: int, smoke: bool) -> dict:
@@ -136,7 +196,8 @@ def measure_decode(rounds: int, smoke: bool) -> dict:
 
 
 SECTIONS = {"train": measure_train, "fwht": measure_fwht,
-            "gemm": measure_gemm, "decode": measure_decode}
+            "kernel": measure_kernel, "gemm": measure_gemm,
+            "decode": measure_decode}
 
 
 def main(argv):
@@ -163,6 +224,10 @@ def main(argv):
         + (f"  estimate {1e3 * est:.2f} ms" if est else "") + "\n")
   if "fwht" in result:
     sys.stdout.write(f"fwht x copy {result['fwht']['x_copy']:.2f}\n")
+  if "kernel" in result:
+    k = result["kernel"]
+    sys.stdout.write(f"input kernel x jnp stages: forward {k['fwd_x_stages']:.2f}"
+                     f", backward {k['bwd_x_stages']:.2f}\n")
   if "gemm" in result:
     sys.stdout.write(f"gemm bf16 / int8 time {result['gemm']['bf16_over_int8']:.2f}\n")
   sys.stdout.write(f"wrote {FLAGS.out}\n")

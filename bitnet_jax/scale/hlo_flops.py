@@ -81,16 +81,25 @@ PALLAS_TARGETS = ("tpu_custom_call", "__gpu$xla.gpu.triton")
 
 def custom_call_name(inst: Instruction) -> str:
   """A custom call's name in reports: its target, and for a Pallas kernel
-  (Mosaic, Triton) the kernel's own name, as the instruction carries it
+  (Mosaic, Triton) the kernel's own name
   (`bitnet_h_input_fwd.3` -> `tpu_custom_call:bitnet_h_input_fwd`)."""
   return call_name((inst.attr("custom_call_target") or "?").strip('"'),
-                   inst.name)
+                   inst.name, inst.attrs)
 
 
-def call_name(target: str, instruction: str) -> str:
+# a Triton call is named `pallas_call.N`; its kernel's name is in the
+# serialized module it carries
+_TRITON_NAME_RE = re.compile(r'name = \\?"([\w.\-]+)\\?", num_stages')
+
+
+def call_name(target: str, instruction: str, attrs: str = "") -> str:
+  """The target, and for a Pallas kernel its name: a Mosaic call's
+  instruction name, a Triton call's kernel name (from `attrs`)."""
   if target not in PALLAS_TARGETS:
     return target
-  return target + ":" + re.sub(r"[.]\d+$", "", instruction)
+  m = _TRITON_NAME_RE.search(attrs) if "triton" in target else None
+  return target + ":" + (m.group(1) if m else
+                         re.sub(r"[.]\d+$", "", instruction))
 
 
 def custom_call_flops(inst: Instruction, operand_shapes: list[str]) -> float:
@@ -105,9 +114,11 @@ def custom_call_flops(inst: Instruction, operand_shapes: list[str]) -> float:
     x = arrays(operand_shapes[0 if kernel == h_input.FORWARD_NAME else 2])
     if not x:
       return 0.0
-    dtype, dims = x[0]
-    return h_input.mxu_flops(math.prod(dims[:-1]), dims[-1],
-                             "float32" if dtype == "f32" else "bfloat16")
+    dtype, dims = x[0]  # [rows, n] (Mosaic) or [rows, A, B] (Triton)
+    return h_input.mxu_flops(dims[0], math.prod(dims[1:]),
+                             "float32" if dtype == "f32" else "bfloat16",
+                             h_input.TARGET_IMPLS.get(target.strip('"'),
+                                                      "mosaic"))
   if "__cudnn$fmha" in target:
     m = _FMHA_RE.search(inst.attrs)
     q = arrays(operand_shapes[0])
