@@ -47,7 +47,7 @@ def test_the_kernel_compiles_and_the_roofline_counts_it(topology):
       assert jax.numpy.prod(jnp.asarray(dims)) < rows * n, line
 
 
-def tpu_step(kernel):
+def tpu_step(kernel, topology="v5p:2x2x1"):
   pytest.importorskip("libtpu")
   from bitnet_jax.scale import fit_table
   config = fit_table.load_config("400m")  # its layout and remat, made small
@@ -56,7 +56,7 @@ def tpu_step(kernel):
                       seq_len=384)  # a length no other axis has
   config.data.batch_size = 8
   config.quant.input_kernel = kernel
-  devices, _ = dry_run.topology_devices("v5p:2x2x1")
+  devices, _ = dry_run.topology_devices(topology)
   setup, compiled, _ = dry_run.compile_step(config, devices)
   return compiled.as_text(), dry_run.summarize(setup, compiled, None)
 
@@ -83,6 +83,16 @@ def test_a_v2_train_step_runs_the_kernel_instead_of_the_fwht():
   reference = layer_program("jnp")
   assert "_fwht_impl" in reference and h_input.FORWARD_NAME not in reference
   assert h_input.FORWARD_NAME in layer_program("")
+
+
+def test_the_v6e_train_step_runs_the_kernel_too():
+  """The same 2-layer step for Trillium (v6e: a 256-wide matrix unit; the
+  kernel keeps its 128-lane chunks): both kernels, no FWHT."""
+  text, _ = tpu_step("", "v6e:2x2")
+  sites = dry_run.custom_calls(text)
+  assert sites.get("tpu_custom_call:" + h_input.FORWARD_NAME, 0) >= 2
+  assert sites.get("tpu_custom_call:" + h_input.BACKWARD_NAME, 0) >= 2
+  assert "_fwht_impl" not in text
 
 
 def layer_program(kernel: str) -> str:
@@ -124,3 +134,21 @@ def test_splash_attention_compiles_and_the_roofline_counts_it():
   assert got == {"splash_mha_fwd_residuals": 2 * per_matmul,
                  "splash_mha_dq_no_residuals": 3 * per_matmul,
                  "splash_mha_dkv_no_residuals": 4 * per_matmul}, got
+
+
+def test_native_int4_codes_compile_and_move_fewer_bytes():
+  """scale/int4_codes.py (the 4-bit codes question, docs/scale.md): s4 x s4
+  and s4 x s2 dots compile for a v5p chip, and the roofline counts their
+  operands at 4 and 2 bits: half and less of the int8 operand bytes."""
+  pytest.importorskip("libtpu")
+  from bitnet_jax.scale import int4_codes
+  m = k = n = 512
+  rows = int4_codes.compare("v5p:2x2x1", m, k, n)
+  assert [r["codes"] for r in rows] == ["int8 x int8", "int4 x int4",
+                                         "int4 x int2"]
+  out = m * n * 4  # the s32 result
+  by_codes = {r["codes"]: r["hbm_bytes"] - out for r in rows}
+  assert by_codes["int4 x int4"] == pytest.approx(
+      by_codes["int8 x int8"] / 2, rel=0.01)
+  assert by_codes["int4 x int2"] < by_codes["int4 x int4"]
+  assert all(r["compiler_s"] > 0 for r in rows)
