@@ -33,7 +33,6 @@ from bitnet_jax import cli
 from bitnet_jax.errors import InputError
 from bitnet_jax.experiments import report, scoring, study
 from bitnet_jax import rundir
-from bitnet_jax.inference import pretrained
 
 
 def machine() -> str:
@@ -59,9 +58,10 @@ def check_settings(out: str, settings: study.Settings, data: str) -> None:
     json.dump(current, f, indent=2)
 
 
-def score_replica(rep: str, settings: study.Settings, docs) -> dict:
+def score_replica(rep: str, settings: study.Settings, docs,
+                  acts: scoring.ActivationStats) -> dict:
   """Tables 1-5 of one seed's runs: {runs, attention, ptq} (cached)."""
-  runs = {r.name: scoring.score_run(r, rep, settings, docs) for r in study.RUNS}
+  runs = {r.name: scoring.score_run(r, rep, docs, acts) for r in study.RUNS}
   attention = {}
   for name in ("v2_a8", "v2_a4"):
     run = study.RUN_BY_NAME[name]
@@ -71,8 +71,7 @@ def score_replica(rep: str, settings: study.Settings, docs) -> dict:
         for label, overrides in study.ATTENTION_SETTINGS}
   ptq = {name: scoring.score_ptq(name, method, fuse, rep, settings, docs)
          for name, method, fuse in study.PTQ_RUNS}
-  rotated = {r.name: scoring.score_rotated(r, rep, settings, docs)
-             for r in study.RUNS}
+  rotated = {r.name: scoring.score_rotated(r, rep, acts) for r in study.RUNS}
   return {"runs": runs, "attention": attention, "ptq": ptq, "rotated": rotated}
 
 
@@ -96,7 +95,7 @@ def run_study(data: str, out: str, settings: study.Settings,
   data_info = study.prepare_data(data, out, settings)
   data_dir = os.path.join(out, "data")
   docs = study.valid_documents(out, settings)
-  trained, evaluated, replicas = [], [], {}
+  trained, evaluated, replicas, acts = [], [], {}, {}
   train_s = score_s = 0.0
   for seed in settings.seeds:
     s = dataclasses.replace(settings, seed=seed)
@@ -106,7 +105,8 @@ def run_study(data: str, out: str, settings: study.Settings,
         trained.append(f"{run.name}@seed{seed}")
     results_dir = os.path.join(rep, "results")
     before = set(os.listdir(results_dir)) if os.path.isdir(results_dir) else set()
-    replicas[seed] = score_replica(rep, s, docs)
+    acts[seed] = scoring.ActivationStats(rep, s, docs)
+    replicas[seed] = score_replica(rep, s, docs, acts[seed])
     evaluated += [f"seed{seed}/{f}" for f in
                   sorted(set(os.listdir(results_dir)) - before)]
     t, sc = replica_seconds(rep, replicas[seed])
@@ -119,8 +119,8 @@ def run_study(data: str, out: str, settings: study.Settings,
              "replicas": {str(k): v for k, v in replicas.items()}}
   first = study.replica(out, settings.seeds[0])
   fig_dir = os.path.join(out, "figures")
-  figures = report.write_figures(first, fig_dir,
-                                 _activation_runs(first, docs, settings))
+  figures = report.write_figures(first, fig_dir, _activation_runs(
+      acts[settings.seeds[0]], settings))
   with open(os.path.join(out, "results.json"), "w") as f:
     json.dump(results, f, indent=2)
   with open(os.path.join(out, "report.md"), "w") as f:
@@ -129,14 +129,14 @@ def run_study(data: str, out: str, settings: study.Settings,
           "figures": figures}
 
 
-def _activation_runs(out: str, docs, settings: study.Settings) -> dict:
+def _activation_runs(acts: scoring.ActivationStats,
+                     settings: study.Settings) -> dict:
   """Raw statistics of the last layer's W_o / W_down inputs of b1.58 (a8)
   and v2 (a8), for the histogram figures."""
   last = f"layer{settings.num_layers - 1}/"
   runs = {}
   for name, label in (("b1.58_a8", "BitNet b1.58 a8"), ("v2_a8", "BitNet v2 a8")):
-    pre = pretrained.load(os.path.join(out, "runs", name))
-    stats = scoring.layer_stats(pre, docs, settings.analysis_seqs)
+    stats = acts.of(name)
     runs[label] = {k: v for k, v in stats.items() if k.startswith(last) and
                    k.split("/")[1] in ("o", "down")}
   return runs

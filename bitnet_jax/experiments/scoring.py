@@ -53,10 +53,26 @@ def layer_stats(pre, docs: list[str], num_seqs: int) -> dict:
       pre.params, jnp.asarray(tokens)))
 
 
-def kurtosis(pre, docs: list[str], s: study.Settings) -> dict:
+class ActivationStats:
+  """layer_stats of each run of one replica, computed once per study call:
+  Table 1's kurtosis, the rotated-domain table and the histogram figures
+  all read the same forward pass over the same rows."""
+
+  def __init__(self, out: str, s: study.Settings, docs: list[str]):
+    self.out, self.s, self.docs = out, s, docs
+    self._stats: dict[str, dict] = {}
+
+  def of(self, name: str, pre=None) -> dict:
+    """The statistics of run `name` (`pre`: the run, if already loaded)."""
+    if name not in self._stats:
+      pre = pre or pretrained.load(os.path.join(self.out, "runs", name))
+      self._stats[name] = layer_stats(pre, self.docs, self.s.analysis_seqs)
+    return self._stats[name]
+
+
+def kurtosis(stats: dict) -> dict:
   """Mean over layers of the kurtosis of the W_o and W_down inputs (what the
   quantizer sees; for H-BitLinear also before the Hadamard)."""
-  stats = layer_stats(pre, docs, s.analysis_seqs)
   out = {}
   for site in ("o", "down"):
     for stage in ("input", "pre_rotation"):
@@ -70,12 +86,11 @@ def kurtosis(pre, docs: list[str], s: study.Settings) -> dict:
 ROTATED_STATS = ("kurtosis", "max_channel_energy", "offset_channels")
 
 
-def rotated_domain(pre, docs: list[str], s: study.Settings) -> dict:
+def rotated_domain(stats: dict) -> dict:
   """{"{site}/{stage}": {stat: value}} of the W_o / W_down inputs (what the
   quantizer sees, and before the Hadamard where there is one): kurtosis and
   the largest per-channel energy share as means over layers, offset channels
   summed over layers."""
-  stats = layer_stats(pre, docs, s.analysis_seqs)
   out = {}
   for site in ("o", "down"):
     for stage in ("input", "pre_rotation"):
@@ -90,19 +105,19 @@ def rotated_domain(pre, docs: list[str], s: study.Settings) -> dict:
   return out
 
 
-def score_rotated(run: study.Run, out: str, s: study.Settings, docs) -> dict:
+def score_rotated(run: study.Run, out: str, acts: ActivationStats) -> dict:
   """The rotated-domain picture of one run (cached apart from its PPL)."""
-  return cached(out, f"{run.name}_rotated", lambda: {"sites": rotated_domain(
-      pretrained.load(os.path.join(out, "runs", run.name)), docs, s)})
+  return cached(out, f"{run.name}_rotated",
+                lambda: {"sites": rotated_domain(acts.of(run.name))})
 
 
-def score_run(run: study.Run, out: str, s: study.Settings, docs) -> dict:
+def score_run(run: study.Run, out: str, docs, acts: ActivationStats) -> dict:
   workdir = os.path.join(out, "runs", run.name)
 
   def compute():
     pre = pretrained.load(workdir)
     result = valid_perplexity(pre, docs)
-    result["kurtosis"] = kurtosis(pre, docs, s)
+    result["kurtosis"] = kurtosis(acts.of(run.name, pre))
     result["train_loss"] = study.final_train_loss(workdir, last=3)
     logging.info("study: %s valid ppl %.3f", run.name, result["ppl"])
     return result
