@@ -67,9 +67,10 @@ def test_slurm_environment_forms_the_job(tmp_path, corpus_file):
                          SLURM_STEP_NODELIST="localhost", SLURM_NTASKS="2",
                          SLURM_PROCID=str(rank), SLURM_LOCALID=str(rank),
                          SLURM_STEP_NUM_NODES="1")
-    env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+    env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
     procs.append(subprocess.Popen(
-        cli(tmp_path / "run", corpus_file, "--config.train.compile_cache_dir="),
+        cli(tmp_path / "run", corpus_file, "--config.train.compile_cache_dir=",
+            "--config.train.eval_batches=0"),  # no eval step to compile
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env))
   logs = [p.communicate(timeout=600)[0] for p in procs]
   for rank, (p, log) in enumerate(zip(procs, logs)):
@@ -138,14 +139,16 @@ def test_dcn_mesh_shape_and_errors():
 
 
 def two_processes(workdir, corpus_file, port, stop_step=30, extra=()):
-  """Start the small run as a 2-process job on this machine."""
+  """Start the small run as a 2-process job on this machine (no held-out
+  evaluation: the training losses are what the test compares)."""
   procs = []
   for rank in range(2):
     env = subprocess_env()
     env["XLA_FLAGS"] += " --xla_force_host_platform_device_count=2"
     args = [f"--config.{k}={v}" for k, v in dict(SMALL, **{
         "data.paths": corpus_file, "train.stop_step": stop_step,
-        "train.ckpt_every": 100, "train.preemption_check_every": 4}).items()]
+        "train.ckpt_every": 100, "train.preemption_check_every": 4,
+        "train.eval_batches": 0}).items()]
     procs.append(subprocess.Popen(
         [sys.executable, "-m", "bitnet_jax.train", "--config=configs/tiny.py",
          f"--workdir={workdir}", "--distributed=on",
