@@ -25,6 +25,10 @@ Per chip (TPU) or GPU, from the vendors' published specifications:
                multi-slice DCN transfers are reported, not timed). A
                collective whose group spans hosts runs at this speed
 
+A GPU run gets GPU_MEMORY_FRACTION of its memory (what XLA's allocator
+takes, XLA_PYTHON_CLIENT_MEM_FRACTION; `usable_bytes`): the dry run fits a
+program against that, not the whole HBM.
+
 Looked up by device kind (`jax.Device.device_kind`, lower case substring) or
 by a topology name's prefix (`v5p:4x4x4` -> v5p).
 """
@@ -33,6 +37,10 @@ from __future__ import annotations
 import dataclasses
 
 GIB = 1024 ** 3
+# XLA_PYTHON_CLIENT_MEM_FRACTION on GPUs: the train command and
+# launch/slurm.sbatch set 0.92 unless the user did (JAX's own default, 0.75,
+# leaves a quarter of an 80 GB GPU unused)
+GPU_MEMORY_FRACTION = 0.92
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,6 +57,20 @@ class Chip:
   @property
   def f32_rate(self) -> float:
     return self.f32_flops or self.bf16_flops / 6
+
+  @property
+  def is_gpu(self) -> bool:
+    return self.name.startswith("NVIDIA")
+
+  def usable_bytes(self, environ=None) -> float:
+    """What a program may use: the HBM (TPU), its allocator's fraction of
+    it (GPU: XLA_PYTHON_CLIENT_MEM_FRACTION in `environ`, else
+    GPU_MEMORY_FRACTION)."""
+    if not self.is_gpu:
+      return self.hbm_bytes
+    environ = {} if environ is None else environ
+    return self.hbm_bytes * float(environ.get(
+        "XLA_PYTHON_CLIENT_MEM_FRACTION", GPU_MEMORY_FRACTION))
 
 
 CHIPS = {

@@ -32,7 +32,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from bitnet_jax import cli
+from bitnet_jax import chips, cli
 from bitnet_jax.errors import ConfigError
 
 FLAGS = flags.FLAGS
@@ -92,6 +92,10 @@ def main(argv):
     raise app.UsageError("--workdir is required (except with --dry_run)")
   if FLAGS.topology and not FLAGS.dry_run:
     raise app.UsageError("--topology is for --dry_run")
+  # a GPU run's allocator share (chips.GPU_MEMORY_FRACTION: what the fit
+  # table fits against; JAX's default would leave a quarter unused)
+  os.environ.setdefault("XLA_PYTHON_CLIENT_MEM_FRACTION",
+                        str(chips.GPU_MEMORY_FRACTION))
   if FLAGS.topology:  # compile-only devices: no local accelerator needed
     os.environ["JAX_PLATFORMS"] = "cpu"
   if FLAGS.topology.startswith("cpu:"):  # before jax starts its CPU backend

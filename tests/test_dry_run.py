@@ -48,6 +48,20 @@ def test_roofline_arithmetic():
       4 * 2 + 3 + 2 + 10 + 1)
 
 
+def test_a_gpu_program_fits_in_its_allocators_share():
+  """A GPU run gets XLA_PYTHON_CLIENT_MEM_FRACTION of its memory (0.92 as
+  the train command sets it); a TPU program may use the whole HBM."""
+  h100, v5p = chips.CHIPS["h100"], chips.CHIPS["v5p"]
+  assert h100.usable_bytes({}) == pytest.approx(0.92 * 80e9)
+  assert h100.usable_bytes({"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.75"}) == \
+      pytest.approx(60e9)
+  assert v5p.usable_bytes({"XLA_PYTHON_CLIENT_MEM_FRACTION": "0.5"}) == \
+      v5p.hbm_bytes
+  with pytest.raises(MemoryError, match="69.0 GiB for it"):
+    dry_run.check_fits({"fits": False, "total_gib": 73.3, "hbm_gib": 74.5,
+                        "usable_gib": 69.0})
+
+
 def test_unknown_tpu_topology_is_one_line():
   pytest.importorskip("libtpu")
   with pytest.raises(dry_run.TopologyError, match="--topology=v5p:3x3x3"):

@@ -262,7 +262,8 @@ def summarize(setup, compiled, chip: chips_lib.Chip | None,
                       - out["alias_gib"] + out["temp_gib"])
   if chip:
     out["hbm_gib"] = chip.hbm_bytes / GIB
-    out["fits"] = out["total_gib"] <= out["hbm_gib"]
+    out["usable_gib"] = chip.usable_bytes(os.environ) / GIB
+    out["fits"] = out["total_gib"] <= out["usable_gib"]
   text = compiled.as_text()
   stats = hlo_stats.analyze(text, n, sharding.network_granules(devices))
   hosts = len(set(sharding.network_granules(devices)))
@@ -333,7 +334,9 @@ def format_report(r: dict[str, Any]) -> str:
       f"{r['microbatches']} microbatch(es), compiled in {r['compile_s']} s",
       f"  memory per chip: arguments {r['argument_gib']:.2f} GiB, temporaries "
       f"{r['temp_gib']:.2f} GiB, total {r['total_gib']:.2f} GiB"
-      + (f" of {r['hbm_gib']:.1f} GiB HBM" if "hbm_gib" in r else ""),
+      + (f" of {r['hbm_gib']:.1f} GiB HBM" if "hbm_gib" in r else "")
+      + (f" ({r['usable_gib']:.1f} GiB usable: XLA_PYTHON_CLIENT_MEM_FRACTION)"
+         if r.get("usable_gib", r.get("hbm_gib")) != r.get("hbm_gib") else ""),
       f"  FLOPs per chip: program {r['program_flops']:.3e} (matmuls, loops "
       f"counted), model {r['model_flops']:.3e}, model + remat "
       f"{r['needed_flops']:.3e} (ratio {r['program_flops'] / r['needed_flops']:.2f})",
@@ -391,8 +394,8 @@ def check_fits(r: dict[str, Any]) -> None:
   if r.get("fits") is False:
     raise MemoryError(
         f"needs {r['total_gib']:.1f} GiB per chip, the chip has "
-        f"{r['hbm_gib']:.1f} GiB; raise train.microbatches or use a larger "
-        "slice")
+        f"{r.get('usable_gib', r['hbm_gib']):.1f} GiB for it; raise "
+        "train.microbatches or use a larger slice")
 
 
 def write_json(r: dict[str, Any], path: str) -> None:
