@@ -67,6 +67,18 @@ def _readable_run(path) -> bool:
     return False
 
 
+def _dirs_at_and_above(p: epath.Path) -> list[epath.Path]:
+  """p and its parents; for a URL (gs://bucket/...) up to the bucket: the
+  store's root holds buckets, not runs, and asking it lists every bucket
+  (an emulator answers 501, which gcsfs retries for half a minute)."""
+  dirs = [p, *p.parents]
+  scheme, sep, _ = os.fspath(p).partition("://")
+  if sep:
+    dirs = [d for d in dirs if os.fspath(d).startswith(scheme + sep)
+            and os.fspath(d) != scheme + sep]
+  return dirs
+
+
 def check_output(out: str, flag: str = "--out", own: str = "",
                  may_hold_runs: bool = False) -> None:
   """Refuse an output directory that would write into a run: one that is a
@@ -75,7 +87,7 @@ def check_output(out: str, flag: str = "--out", own: str = "",
   run this command itself wrote (ptq.json), which it may replace. Nothing is
   written before this check."""
   p = epath.Path(out)
-  for parent in [p, *p.parents]:
+  for parent in _dirs_at_and_above(p):
     if _readable_run(parent) and not (
         own and parent == p and (p / own).exists()):
       where = "is" if parent == p else f"is inside {os.fspath(parent)}, which is"
