@@ -7,7 +7,8 @@ For each paper config (configs/bitnet_v2_{400m,1p3b,3b,7b}.py, the paper's
 4, ... microbatches until it fits the chip's HBM, and records the per-chip
 memory, the microbatches needed and the roofline MFU estimate. GPU cells also
 compile the fp baseline and v2 with int8 training matmuls at the same
-microbatches, for the v2 / fp step ratio. Each result is cached as JSON in
+microbatches, for the v2 / fp step ratio (and v2 int8 with the jnp stages
+instead of the fused input kernel, for what the kernel saves). Each result is cached as JSON in
 --cache_dir, so an interrupted run resumes; the table is written to --out
 and, with --readme, copied between docs/scale.md's fit-table markers (TPU and
 GPU tables have their own).
@@ -82,17 +83,19 @@ def fit(size: str, topology: str, max_microbatches: int) -> dict:
 
 
 def variant_steps(size: str, topology: str, microbatches: int) -> dict:
-  """Estimated step seconds of fp, v2 (float matmuls), v2 (int8 matmuls)."""
+  """Estimated step seconds of fp, v2 (float matmuls), v2 (int8 matmuls:
+  with the fused input kernel, and with the jnp stages)."""
   from bitnet_jax.scale import dry_run
   out = {}
-  for name, variant, matmul in (("fp", "fp", "float"),
-                                ("v2_float", "v2", "float"),
-                                ("v2_int8", "v2", "int8")):
+  for name, variant, matmul, kernel in (
+      ("fp", "fp", "float", ""), ("v2_float", "v2", "float", ""),
+      ("v2_int8", "v2", "int8", ""), ("v2_int8_stages", "v2", "int8", "jnp")):
     config = load_config(size)
     config.mesh.update(data=1, fsdp=-1, tensor=1)
     config.train.microbatches = microbatches
     config.model.variant = variant
     config.quant.train_matmul = matmul
+    config.quant.input_kernel = kernel
     r = dry_run.report(config, topology)
     out[name] = {"step_s": r["estimate"]["step_s"], "total_gib": r["total_gib"],
                  "mfu": r["estimate"]["mfu"]}
@@ -138,7 +141,8 @@ def gpu_table(results: dict[tuple[str, str], dict]) -> str:
   rows = ["| config | GPUs | count | microbatches | GiB per GPU (HBM) | "
           "FLOPs: program / model+remat | collectives within hosts / needed | "
           "between hosts / needed | attention | est. step (s) | "
-          "est. tokens/s/GPU | est. MFU | v2 / fp step: float, int8 matmuls |",
+          "est. tokens/s/GPU | est. MFU | v2 / fp step: float, int8 matmuls "
+          "(fused input kernel), int8 (jnp stages) |",
           "|---|---|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|"]
   for (size, topology), r in results.items():
     if not r.get("fits"):
@@ -152,8 +156,9 @@ def gpu_table(results: dict[tuple[str, str], dict]) -> str:
     else:
       within, between = r["collective_payload"] / r["zero3_payload"], "-"
     v = r.get("variants", {})
-    ratio = (f"{v['v2_float']['step_s'] / v['fp']['step_s']:.2f}, "
-             f"{v['v2_int8']['step_s'] / v['fp']['step_s']:.2f}" if v else "")
+    ratio = ", ".join(f"{v[k]['step_s'] / v['fp']['step_s']:.2f}"
+                      for k in ("v2_float", "v2_int8", "v2_int8_stages")
+                      if k in v)
     rows.append(
         f"| {size} | {topology} | {r['devices']} | {r['microbatches']} | "
         f"{r['total_gib']:.1f} ({r['hbm_gib']:.0f}) | "
