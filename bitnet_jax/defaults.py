@@ -83,8 +83,8 @@ def base_config() -> ml_collections.ConfigDict:
   q.train_matmul = "auto"          # latent weights while training: float (fake-
                                    # quantized values) | int8 (integer forward,
                                    # STE backward, int8 FSDP gathers) | auto
-                                   # (int8 on TPU and CPU; on GPU int8 with the
-                                   # fused input kernel, else from d_model 4096)
+                                   # (int8 on TPU, GPU and CPU: the compiled
+                                   # estimates and the bench)
   q.mean_centre = False            # v2: H-BitLinear quantizes H x - mu and adds
                                    # Q_w(W) mu back; mu (the token-shared offset
                                    # of H x) is calibrated when 4-bit activations

@@ -25,15 +25,12 @@ PTQ_ROTATIONS = ("none", "random_hadamard", "learned")
 WEIGHT_FORMS = ("latent", "int8", "packed")
 TRAIN_MATMULS = ("float", "int8")   # how latent weights multiply in training
 # quant.train_matmul='auto' by backend, from measurements (docs/scale.md, "Integer
-# matmuls in training"): int8 on TPU (compiled estimate) and CPU (bench);
-# on GPU int8 where the fused H-BitLinear input kernel runs (the 400M to
-# 7B steps are estimated 19-29% faster than with float matmuls,
-# docs/gpu_fit_table.md), and without the kernel (input_kernel=jnp) from
-# d_model 4096 only (below, the jnp quantize passes cost more HBM time than
-# the int8 tensor cores save), until a GPU measures otherwise
-# (python -m bitnet_jax.scale.gpu_measure)
-AUTO_TRAIN_MATMUL = {"tpu": "int8", "cpu": "int8"}
-GPU_INT8_MIN_D_MODEL = 4096
+# matmuls in training"): int8 on TPU (compiled estimate), CPU (bench) and
+# GPU (compiled estimate, docs/gpu_fit_table.md: with the fused H-BitLinear
+# input kernel the H100 steps are estimated 29-35% faster than with float
+# matmuls, and even with the jnp stages int8 is the faster at every size),
+# until a GPU measures otherwise (python -m bitnet_jax.scale.gpu_measure)
+AUTO_TRAIN_MATMUL = {"tpu": "int8", "cpu": "int8", "gpu": "int8"}
 WEIGHT_SCALES = ("projection", "tensor")
 # quant.input_kernel: the H-BitLinear input as jnp stages or one Pallas
 # kernel (kernels/h_input.py); '' resolves by backend (for_platform)
@@ -217,18 +214,12 @@ class ModelConfig:
     """train_matmul='auto', attention_impl='' and input_kernel='' resolved
     for a backend ('cpu', 'tpu', 'gpu')."""
     changes = {}
-    kernel = self.input_kernel or AUTO_INPUT_KERNEL.get(platform, "jnp")
     if self.train_matmul == "auto":
-      if platform == "gpu":
-        changes["train_matmul"] = (
-            "int8" if kernel != "jnp" or self.d_model >= GPU_INT8_MIN_D_MODEL
-            else "float")
-      else:
-        changes["train_matmul"] = AUTO_TRAIN_MATMUL.get(platform, "float")
+      changes["train_matmul"] = AUTO_TRAIN_MATMUL.get(platform, "float")
     if not self.attention_impl:
       changes["attention_impl"] = attention_for(self, platform)
     if not self.input_kernel:
-      changes["input_kernel"] = kernel
+      changes["input_kernel"] = AUTO_INPUT_KERNEL.get(platform, "jnp")
     return self.replace(**changes) if changes else self
 
   def replace(self, **changes) -> "ModelConfig":

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import pytest
 
 from bitnet_jax.kernels import h_input
-from bitnet_jax.scale import dry_run, hlo_stats
+from bitnet_jax.scale import dry_run, hlo_flops, hlo_stats
 
 pytestmark = pytest.mark.slow
 
@@ -69,7 +69,7 @@ def test_a_v2_train_step_runs_the_kernel_instead_of_the_fwht():
   attention, with no [.., T, T] array left; the custom calls' costs appear
   in the report."""
   text, report = tpu_step("")  # '' = by backend: the kernel on TPU
-  sites = dry_run.custom_calls(text)
+  sites = hlo_flops.call_sites(text)
   assert sites.get("tpu_custom_call:" + h_input.FORWARD_NAME, 0) >= 2
   assert sites.get("tpu_custom_call:" + h_input.BACKWARD_NAME, 0) >= 2
   assert "_fwht_impl" not in text  # the jnp FWHT's ops are named so
@@ -89,7 +89,7 @@ def test_the_v6e_train_step_runs_the_kernel_too():
   """The same 2-layer step for Trillium (v6e: a 256-wide matrix unit; the
   kernel keeps its 128-lane chunks): both kernels, no FWHT."""
   text, _ = tpu_step("", "v6e:2x2")
-  sites = dry_run.custom_calls(text)
+  sites = hlo_flops.call_sites(text)
   assert sites.get("tpu_custom_call:" + h_input.FORWARD_NAME, 0) >= 2
   assert sites.get("tpu_custom_call:" + h_input.BACKWARD_NAME, 0) >= 2
   assert "_fwht_impl" not in text

@@ -52,11 +52,12 @@ def supported(n: int, impl: str) -> bool:
   return h_input_mosaic.supported(n, interpret=_interpret(impl))
 
 
-def mxu_flops(rows: int, n: int, dtype, impl: str = "mosaic") -> float:
+def mxu_flops(rows: int, n: int, dtype, impl: str = "mosaic",
+              backward: bool = False) -> float:
   """Matrix-unit FLOPs of one kernel call (forward or backward) on [rows, n]
   in `dtype` (the Hadamard's bf16 passes; the vector work is not counted,
   as XLA's own element-wise work is not)."""
-  return _module(impl).mxu_flops(rows, n, dtype)
+  return _module(impl).mxu_flops(rows, n, dtype, backward)
 
 
 def quantized_input(x2d: jax.Array, scale: jax.Array, *, bits: int,

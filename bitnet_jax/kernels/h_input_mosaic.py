@@ -54,13 +54,15 @@ def block_rows(n: int, rows: int) -> int:
   return r
 
 
-def mxu_flops(rows: int, n: int, dtype) -> float:
-  """Matrix-unit FLOPs of one kernel call (forward or backward) on [rows, n]
-  in `dtype`: row_math.passes(dtype) bf16 matmuls of every B-chunk by H_B [B, B]
-  (the butterfly and Paley sums run on the vector unit: n log2 A adds and
-  K n per row, not counted, as XLA's own element-wise work is not)."""
+def mxu_flops(rows: int, n: int, dtype, backward: bool = False) -> float:
+  """Matrix-unit FLOPs of one kernel call on [rows, n] in `dtype`: bf16
+  passes (row_math.passes for the forward's f32 operand, operand_passes for
+  the backward's dL/dq) of every B-chunk by H_B [B, B] (the butterfly and
+  Paley sums run on the vector unit: n log2 A adds and K n per row, not
+  counted, as XLA's own element-wise work is not)."""
   _, b = factors(n)
-  return float(row_math.passes(dtype) * 2 * rows * n * b)
+  passes = (row_math.operand_passes if backward else row_math.passes)(dtype)
+  return float(passes * 2 * rows * n * b)
 
 
 def _rotate(v: jax.Array, hb: jax.Array, n: int, parts: int) -> jax.Array:
@@ -112,7 +114,7 @@ def _backward_kernel(x_ref, s_ref, dz_ref, hb_ref, dx_ref, ds_ref, *,
   inv = row_math.inv_rms(x, n, eps, axis=1)
   y_hat = x * inv
   dy = _rotate(dz_ref[...].astype(jnp.float32), hb_ref[...], n,
-               row_math.passes(dz_ref.dtype))
+               row_math.operand_passes(dz_ref.dtype))  # dL/dq as it comes
   dys = dy * s_ref[...]
   mean = jnp.sum(dys * y_hat, axis=1, keepdims=True) * np.float32(1.0 / n)
   dx_ref[...] = (inv * (dys - y_hat * mean)).astype(dx_ref.dtype)

@@ -11,7 +11,8 @@ split (row_math.split_dot) on the tensor cores. A and B are the square-ish
 split of n (64 x 64 for 4096, 128 x 128 for 16384). A program loops over
 ROWS tokens, so H_A and H_B are loaded once per ROWS rows and the
 backward's d(norm scale) is summed in registers, one partial per program.
-Sizes: powers of two from 256 to MAX_N (Paley sizes take the jnp stages).
+Sizes: powers of two from MIN_N to MAX_N (Paley sizes take the jnp
+stages; below 16 x 16 Triton runs the dots on the CUDA cores).
 """
 from __future__ import annotations
 
@@ -41,36 +42,40 @@ def factors(n: int) -> tuple[int, int]:
   return a, n // a
 
 
-def mxu_flops(rows: int, n: int, dtype) -> float:
-  """Tensor-core FLOPs of one call on [rows, n]: passes(dtype) bf16
-  matmuls X [A, B] . H_B and H_A . [A, B] per row."""
+def mxu_flops(rows: int, n: int, dtype, backward: bool = False) -> float:
+  """Tensor-core FLOPs of one call on [rows, n]: X [A, B] . H_B, then
+  H_A . [A, B] per row, each in bf16 passes (row_math: the forward splits
+  both f32 operands; the backward's first operand, dL/dq, comes in dtype)."""
   a, b = factors(n)
-  return float(row_math.passes(dtype) * 2 * rows * n * (a + b))
+  first = (row_math.operand_passes if backward else row_math.passes)(dtype)
+  return float(2 * rows * n * (first * b + row_math.passes(dtype) * a))
 
 
 def _num_warps(n: int) -> int:
-  """Warps per program: a [A, B] f32 tile is n / (32 * warps) registers a
-  thread; a few tiles live at once (x, the rotation, the gradient)."""
+  """Warps per program: an [A, B] f32 tile is n / (32 * warps) registers a
+  thread; 4 warps to 4096, 8 above. ptxas (sm_90a) fits both kernels in
+  its 255 registers without spilling up to 8192; the 16384 backward spills
+  76 bytes a thread (16 warps, at 128 registers each, spill more)."""
   return 4 if n <= 4096 else 8
 
 
-def _rotate(v: jax.Array, ha: jax.Array, hb: jax.Array, parts: int,
-            n: int) -> jax.Array:
-  """vec(H_A V H_B) / sqrt(n) = H_n vec(V) / sqrt(n), V [A, B] f32."""
-  y = row_math.split_dot(v, hb, parts)
-  z = row_math.split_dot(y, ha, parts, h_left=True)
+def _rotate(v: jax.Array, ha: jax.Array, hb: jax.Array,
+            parts: tuple[int, int], n: int) -> jax.Array:
+  """vec(H_A V H_B) / sqrt(n) = H_n vec(V) / sqrt(n), V [A, B] f32; parts:
+  bf16 passes of the first and the second matmul."""
+  y = row_math.split_dot(v, hb, parts[0])
+  z = row_math.split_dot(y, ha, parts[1], h_left=True)
   return z * np.float32(1.0 / math.sqrt(n))
 
 
 def _forward_kernel(x_ref, s_ref, ha_ref, hb_ref, codes_ref, scale_ref, *,
                     bits: int, eps: float, n: int):
-  s, ha, hb = s_ref[...], ha_ref[...], hb_ref[...]
-  parts = row_math.passes(x_ref.dtype)
+  parts = row_math.passes(x_ref.dtype)  # y = x r s is f32: split it
 
-  def row(i, carry):
-    x = x_ref[i].astype(jnp.float32)
-    z = _rotate(x * row_math.inv_rms(x, n, eps, axis=None) * s, ha, hb,
-                parts, n)
+  def row(i, carry):  # s, H_A, H_B re-read per row (L1 / L2): fewer live
+    x = x_ref[i].astype(jnp.float32)  # registers than holding the tiles
+    y = x * row_math.inv_rms(x, n, eps, axis=None) * s_ref[...]
+    z = _rotate(y, ha_ref[...], hb_ref[...], (parts, parts), n)
     codes, scale = row_math.quantize(z, bits, n, axis=None)
     codes_ref[i] = codes
     scale_ref[pl.ds(i, 1), :] = scale
@@ -80,20 +85,24 @@ def _forward_kernel(x_ref, s_ref, ha_ref, hb_ref, codes_ref, scale_ref, *,
 
 def _backward_kernel(x_ref, s_ref, dz_ref, ha_ref, hb_ref, dx_ref, ds_ref, *,
                      eps: float, n: int):
-  s, ha, hb = s_ref[...], ha_ref[...], hb_ref[...]
-  parts = row_math.passes(dz_ref.dtype)
+  parts = (row_math.operand_passes(dz_ref.dtype),  # dL/dq as it comes
+           row_math.passes(dz_ref.dtype))           # an f32 product
 
-  def row(i, ds):
+  def row(i, carry):
+    dy = _rotate(dz_ref[i].astype(jnp.float32), ha_ref[...], hb_ref[...],
+                 parts, n)
     x = x_ref[i].astype(jnp.float32)
     inv = row_math.inv_rms(x, n, eps, axis=None)
     y_hat = x * inv
-    dy = _rotate(dz_ref[i].astype(jnp.float32), ha, hb, parts, n)
-    dys = dy * s
+    dys = dy * s_ref[...]
     mean = jnp.sum(dys * y_hat) * np.float32(1.0 / n)
     dx_ref[i] = (inv * (dys - y_hat * mean)).astype(dx_ref.dtype)
-    return ds + dy * y_hat
-  ds_ref[...] = jax.lax.fori_loop(0, x_ref.shape[0], row,
-                                  jnp.zeros(s.shape, jnp.float32))
+    # the program's d(scale) partial is summed in its output block (L2),
+    # not carried: at 128 x 128 a carried tile would spill the registers
+    ds_ref[...] += dy * y_hat
+    return carry
+  ds_ref[...] = jnp.zeros(ds_ref.shape, jnp.float32)
+  jax.lax.fori_loop(0, x_ref.shape[0], row, 0)
 
 
 def _call(kernel, name, interpret, n, grid, in_specs, out_specs, out_shape,

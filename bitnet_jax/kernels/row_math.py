@@ -39,6 +39,12 @@ def passes(dtype) -> int:
   return 3 if jnp.dtype(dtype) == jnp.float32 else 2
 
 
+def operand_passes(dtype) -> int:
+  """bf16 passes for a matmul operand that arrives in `dtype` as it is (the
+  backward's dL/dq): a bf16 operand is exact in one; others as `passes`."""
+  return 1 if jnp.dtype(dtype) == jnp.bfloat16 else passes(dtype)
+
+
 def split_bf16(v: jax.Array, parts: int) -> list[jax.Array]:
   """v (f32) as a sum of `parts` bf16 arrays (2: ~16 bits, 3: ~24 bits):
   with the +-1 Hadamard exact in bf16, one single-pass matmul per part

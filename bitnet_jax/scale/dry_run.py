@@ -28,7 +28,6 @@ import dataclasses
 import json
 import math
 import os
-import re
 import time
 from typing import Any
 
@@ -37,7 +36,6 @@ import jax.numpy as jnp
 
 from bitnet_jax import chips as chips_lib
 from bitnet_jax import run_config
-from bitnet_jax.kernels import h_input
 from bitnet_jax.scale import gpu_topology
 from bitnet_jax.scale import hlo_flops, hlo_stats, hlo_text
 from bitnet_jax.training import sharding
@@ -278,8 +276,8 @@ def summarize(setup, compiled, chip: chips_lib.Chip | None,
       zero3_payload=zero3_payload(setup),
       zero3_payload_by_axis=zero3_payload_by_axis(setup),
       unknown_trip_counts=stats.unknown_trip_counts,
-      hosts=hosts, attention=attention_calls(text),
-      custom_calls=custom_calls(text), custom_call_costs=stats.custom_calls())
+      hosts=hosts, attention=hlo_flops.attention_kind(text),
+      custom_calls=hlo_flops.call_sites(text), custom_call_costs=stats.custom_calls())
   if hosts > 1:
     out["intra_host_payload"] = stats.collective_bytes(inter_host=False)
     out["inter_host_payload"] = stats.collective_bytes(inter_host=True)
@@ -296,34 +294,6 @@ def summarize(setup, compiled, chip: chips_lib.Chip | None,
     est["tokens_per_s_per_chip"] = tokens / est["step_s"]
     out["estimate"] = est
   return out
-
-
-def custom_calls(text: str) -> dict[str, int]:
-  """custom call (hlo_flops.custom_call_name: the target, and a Pallas
-  kernel's name) -> sites in the optimized program."""
-  out: dict[str, int] = {}
-  for m in re.finditer(
-      r'%([\w.\-]+) = [^\n]*?custom_call_target="([^"]+)"([^\n]*)', text):
-    name = hlo_flops.call_name(m.group(2), m.group(1), m.group(3))
-    out[name] = out.get(name, 0) + 1
-  return out
-
-
-OWN_KERNELS = (h_input.FORWARD_NAME, h_input.BACKWARD_NAME)
-
-
-def attention_calls(text: str) -> str:
-  """Which attention the program runs: 'cudnn' (fused flash attention
-  custom calls), 'pallas' (a Pallas / Mosaic kernel other than this
-  project's H-BitLinear input) or 'xla' (the scores materialised by XLA's
-  own ops)."""
-  calls = custom_calls(text)
-  if any("__cudnn$fmha" in t for t in calls):
-    return "cudnn"
-  if any(t.split(":")[0] in hlo_flops.PALLAS_TARGETS and
-         t.split(":")[-1] not in OWN_KERNELS for t in calls):
-    return "pallas"
-  return "xla"
 
 
 def format_report(r: dict[str, Any]) -> str:

@@ -148,7 +148,7 @@ def measure_kernel(rounds: int, smoke: bool) -> dict:
         jnp.square(x.astype(jnp.float32)), -1, keepdims=True) + 1e-5)
          * s).astype(x.dtype)
     return quant.activation_codes(hadamard.fwht(y), 8)
-  stages_bwd = jax.jit(jax.grad(lambda x, s: jnp.sum(
+  stages_bwd = jax.jit(jax.grad(lambda x, s, dz: jnp.sum(
       hadamard.fwht((x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True)
                                        + 1e-5) * s).astype(x.dtype))
       .astype(jnp.float32) * dz), (0, 1)))
@@ -158,7 +158,7 @@ def measure_kernel(rounds: int, smoke: bool) -> dict:
       "stages_fwd": functools.partial(jax.jit(stages), x, s),
       "kernel_bwd": functools.partial(jax.jit(functools.partial(
           h_input.input_grads, eps=1e-5, impl=impl)), x, s, dz),
-      "stages_bwd": functools.partial(stages_bwd, x, s)}
+      "stages_bwd": functools.partial(stages_bwd, x, s, dz)}
   t = bench.time_interleaved(fns, rounds)
   out = {"shape": [rows, n], "impl": impl, **{k + "_s": v for k, v in t.items()},
          "fwd_x_stages": t["kernel_fwd"] / t["stages_fwd"],

@@ -118,7 +118,8 @@ def custom_call_flops(inst: Instruction, operand_shapes: list[str]) -> float:
     return h_input.mxu_flops(dims[0], math.prod(dims[1:]),
                              "float32" if dtype == "f32" else "bfloat16",
                              h_input.TARGET_IMPLS.get(target.strip('"'),
-                                                      "mosaic"))
+                                                      "mosaic"),
+                             backward=kernel == h_input.BACKWARD_NAME)
   if "__cudnn$fmha" in target:
     m = _FMHA_RE.search(inst.attrs)
     q = arrays(operand_shapes[0])
@@ -173,3 +174,30 @@ def splash_flops(kernel: str, attrs: str, operand_shapes: list[str]) -> float:
                  if j * bk <= (i + 1) * bq - 1)
   return 2.0 * SPLASH_MATMULS[phase] * b * heads * computed * bq * bk * e
 
+
+def call_sites(text: str) -> dict[str, int]:
+  """custom call (custom_call_name: the target, and a Pallas kernel's
+  name) -> sites in the optimized program."""
+  out: dict[str, int] = {}
+  for m in re.finditer(
+      r'%([\w.\-]+) = [^\n]*?custom_call_target="([^"]+)"([^\n]*)', text):
+    name = call_name(m.group(2), m.group(1), m.group(3))
+    out[name] = out.get(name, 0) + 1
+  return out
+
+
+OWN_KERNELS = (h_input.FORWARD_NAME, h_input.BACKWARD_NAME)
+
+
+def attention_kind(text: str) -> str:
+  """Which attention the program runs: 'cudnn' (fused flash attention
+  custom calls), 'pallas' (a Pallas / Mosaic kernel other than this
+  project's H-BitLinear input) or 'xla' (the scores materialised by XLA's
+  own ops)."""
+  calls = call_sites(text)
+  if any("__cudnn$fmha" in t for t in calls):
+    return "cudnn"
+  if any(t.split(":")[0] in PALLAS_TARGETS and
+         t.split(":")[-1] not in OWN_KERNELS for t in calls):
+    return "pallas"
+  return "xla"
