@@ -89,9 +89,11 @@ def _everything_under(path):
                 for r, ds, fs in os.walk(path) for f in fs + ds)
 
 
-def _upload_corpus(name):
+def _upload_corpus(folder):
+  """The corpus as gs://BUCKET/<folder>/corpus.txt: a folder per test, as
+  the tests share the module's emulator (one globs its folder)."""
   from etils import epath
-  path = epath.Path(f"gs://{BUCKET}/data/{name}")
+  path = epath.Path(f"gs://{BUCKET}/{folder}/corpus.txt")
   path.parent.mkdir(parents=True, exist_ok=True)
   path.write_text("\n\n".join(make_documents(400, seed=3)))
   return str(path)
@@ -103,7 +105,7 @@ def test_train_resume_evaluate_export_analyze_on_gcs(gcs, local_dirs, caplog):
   from bitnet_jax.evaluation import activation_report, perplexity
   from bitnet_jax.inference import exported, generation, pretrained
   from bitnet_jax.training import trainer
-  corpus = _upload_corpus("corpus.txt")
+  corpus = _upload_corpus("data")
   run = f"gs://{BUCKET}/runs/v2"
   config = small_run_config(corpus, **{
       "train.stop_step": 6, "train.ckpt_every": 3, "train.profile_start": 1,
@@ -155,7 +157,7 @@ def test_train_resume_evaluate_export_analyze_on_gcs(gcs, local_dirs, caplog):
 def test_the_command_lines_take_gs_paths(gcs, local_dirs):
   """train, evaluate and export (Hugging Face) as a user types them, every
   path in the bucket, the compilation cache too."""
-  corpus = _upload_corpus("cli.txt")
+  corpus = _upload_corpus("cli_data")
   run, cwd = f"gs://{BUCKET}/cli/b158", local_dirs[0]
   env = subprocess_env(**gcs, TMPDIR=str(local_dirs[1]))
   env.pop("JAX_COMPILATION_CACHE_DIR", None)
