@@ -27,7 +27,7 @@ TRAIN_MATMULS = ("float", "int8")   # how latent weights multiply in training
 # quant.train_matmul='auto' by backend, from measurements (docs/scale.md, "Integer
 # matmuls in training"): int8 on TPU (compiled estimate), CPU (bench) and
 # GPU (compiled estimate, docs/gpu_fit_table.md: with the fused H-BitLinear
-# input kernel the H100 steps are estimated 29-35% faster than with float
+# input kernel the H100 steps are estimated 29-39% faster than with float
 # matmuls, and even with the jnp stages int8 is the faster at every size),
 # until a GPU measures otherwise (python -m bitnet_jax.scale.gpu_measure)
 AUTO_TRAIN_MATMUL = {"tpu": "int8", "cpu": "int8", "gpu": "int8"}
