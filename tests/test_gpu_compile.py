@@ -186,10 +186,10 @@ def test_hsdp_across_two_hosts():
   assert est["inter_host_collective_s"] == pytest.approx(
       stats.collective_bytes(traffic=True, inter_host=True) / chip.dcn_bw)
   # the control: the same devices as one flat FSDP mesh cross hosts with
-  # every weight gather
+  # every weight gather (int8 codes on GPU: half the bytes of bf16 ones)
   flat, _, _ = compile_for("h100:2x4", small_config(**{
       "data.batch_size": 16, "mesh.dcn_data": 1}))
-  assert flat["inter_host_payload"] > 5 * r["inter_host_payload"]
+  assert flat["inter_host_payload"] > 3 * r["inter_host_payload"]
 
 
 def test_readme_gpu_fit_table_is_the_commands_output():

@@ -16,10 +16,16 @@ from absl import flags
 from bitnet_jax import cli
 
 FLAGS = flags.FLAGS
-flags.DEFINE_list("topologies", ["v5e:2x2", "v5p:2x2x1", "v6e:2x2"],
-                  "libtpu topologies (one chip of each is used).")
-flags.DEFINE_list("shape", ["16384", "16384", "4096"],
-                  "tokens, in features, out features.")
+
+
+def define_flags() -> None:
+  """The command's flags (defined only when it runs: fit_table has its own
+  --topologies)."""
+  flags.DEFINE_list("topologies", ["v5e:2x2", "v5p:2x2x1", "v6e:2x2"],
+                    "libtpu topologies (one chip of each is used).")
+  flags.DEFINE_list("shape", ["16384", "16384", "4096"],
+                    "tokens, in features, out features.")
+
 
 CODES = (("int8", "int8"), ("int4", "int4"), ("int4", "int2"))
 
@@ -64,4 +70,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  define_flags()
   cli.run(main)
