@@ -133,7 +133,7 @@ def measure_fwht(rounds: int, smoke: bool) -> dict:
 
 
 def measure_kernel(rounds: int, smoke: bool) -> dict:
-  from bitnet_jax import chips, quant
+  from bitnet_jax import chips, layers, quant
   from bitnet_jax.kernels import h_input
   rows, n = (64, 256) if smoke else (32768, 4096)
   device = jax.devices()[0]
@@ -143,15 +143,13 @@ def measure_kernel(rounds: int, smoke: bool) -> dict:
   dz = jnp.asarray(rng.standard_normal((rows, n)), jnp.bfloat16)
   s = jnp.ones((n,), jnp.float32)
 
-  def stages(x, s):  # what layers.BitLinear runs without the kernel
-    y = (x.astype(jnp.float32) * jax.lax.rsqrt(jnp.mean(
-        jnp.square(x.astype(jnp.float32)), -1, keepdims=True) + 1e-5)
-         * s).astype(x.dtype)
-    return quant.activation_codes(hadamard.fwht(y), 8)
+  norm = layers.RMSNorm(1e-5)
+
+  def rotated(x, s):  # what layers.BitLinear runs without the kernel
+    return hadamard.fwht(norm.apply({"params": {"scale": s}}, x))
+  stages = lambda x, s: quant.activation_codes(rotated(x, s), 8)
   stages_bwd = jax.jit(jax.grad(lambda x, s, dz: jnp.sum(
-      hadamard.fwht((x * jax.lax.rsqrt(jnp.mean(x * x, -1, keepdims=True)
-                                       + 1e-5) * s).astype(x.dtype))
-      .astype(jnp.float32) * dz), (0, 1)))
+      rotated(x, s).astype(jnp.float32) * dz), (0, 1)))
   fns = {
       "kernel_fwd": functools.partial(jax.jit(functools.partial(
           h_input.quantized_input, bits=8, eps=1e-5, impl=impl)), x, s),
